@@ -1,0 +1,117 @@
+"""ms per training step: cifarlab's engine against a plain PyTorch loop, side by side.
+
+The plain loop is what a straightforward re-implementation of the seed looks like: the
+textbook model (conv -> ReLU -> nn.MaxPool2d(3, 2, padding=1)), NCHW fp32, a TensorDataset
++ shuffling DataLoader, and each batch copied to the device every step. cifarlab is timed
+through its own engine (`Trainer.runner`), exactly as `cifarlab train classifier` steps.
+
+    python benchmarks/step_time.py --data DIR [--batch-sizes 64,128] [--steps 40] [--device cpu]
+
+Each configuration is timed in `--rounds` alternating rounds (to share out the machine's
+noise fairly) and the median ms/step is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cifarlab.config import Config
+from cifarlab.data import load_cifar10, mean_image
+from cifarlab.engine import Trainer, make_autocast, resolve_device
+from cifarlab.runs import RunDir
+from cifarlab.studies import build_task
+
+
+def plain_model() -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
+        nn.Conv2d(64, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
+        nn.Flatten(), nn.Linear(4096, 384), nn.ReLU(), nn.Linear(384, 192), nn.ReLU(), nn.Linear(192, 10),
+    )
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, std=0.001)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_plain(data, batch_size: int, steps: int, warmup: int, device: torch.device) -> float:
+    x = torch.from_numpy(data.train_images).float() - torch.from_numpy(mean_image(data.train_images))
+    loader = DataLoader(TensorDataset(x.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(data.train_labels)),
+                        batch_size=batch_size, shuffle=True, drop_last=True)
+    model = plain_model().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batches = iter(loader)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        xb, yb = next(batches)
+        xb, yb = xb.to(device), yb.to(device)
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sync(device)
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def time_cifarlab(data, batch_size: int, steps: int, warmup: int, device: torch.device, **cfg) -> float:
+    config = Config(batch_size=batch_size, device=str(device), tensorboard=False, **cfg)
+    autocast = make_autocast(config.precision, device)
+    task = build_task(config, device, autocast, data=data, progress=False)
+    trainer = Trainer(config, task, RunDir("unused"), device, progress=False)
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync(device)
+            start = time.perf_counter()
+        trainer.runner.run(step)
+    sync(device)
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--batch-sizes", default="64,128")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--formats", default="auto,channels_last,contiguous",
+                        help="cifarlab memory formats to time")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    data = load_cifar10(args.data, progress=False)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.steps} timed steps x {args.rounds} rounds")
+    print(f"{'batch':>5}  {'loop':<28} {'ms/step':>9}  {'speed-up':>8}")
+    for batch_size in map(int, args.batch_sizes.split(",")):
+        runs = {"plain loop (DataLoader)": lambda: time_plain(data, batch_size, args.steps, args.warmup, device)}
+        for fmt in args.formats.split(","):
+            runs[f"cifarlab ({fmt})"] = (lambda f=fmt: time_cifarlab(
+                data, batch_size, args.steps, args.warmup, device, memory_format=f))
+        times = {name: [] for name in runs}
+        for _ in range(args.rounds):
+            for name, fn in runs.items():
+                times[name].append(fn())
+        base = statistics.median(times["plain loop (DataLoader)"])
+        for name, ts in times.items():
+            ms = statistics.median(ts)
+            print(f"{batch_size:>5}  {name:<28} {ms:>9.1f}  {base / ms:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

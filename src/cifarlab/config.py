@@ -1,0 +1,125 @@
+"""One flat configuration of plain values for every study, saved as `config.toml` in a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from cifarlab import CifarlabError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+STUDIES = ("classifier",)
+
+
+@dataclass
+class Config:
+    """Everything a run needs. Study-specific fields are ignored by the other studies."""
+
+    study: str = "classifier"
+    # optimisation (the seed's recipe)
+    steps: int = 15000
+    batch_size: int = 128
+    lr: float = 1e-4
+    seed: int = 42
+    # evaluation and saving
+    eval_every: int = 1000
+    checkpoint_every: int = 5000
+    # model (study 1)
+    dropout: float = 0.0
+    weight_decay: float = 0.0
+    init: str = "normal"
+    val_fraction: float = 0.0  # hold out the last fraction of train as a validation split
+    # where and how
+    data: str = ""
+    device: str = "auto"
+    precision: str = "fp32"
+    memory_format: str = "auto"
+    cuda_graph: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> "Config":
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise CifarlabError(f"invalid config: {what}")
+
+        need(self.study in STUDIES, f"study {self.study!r} is not one of {', '.join(STUDIES)}")
+        need(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
+        need(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0 (got {self.lr})")
+        need(self.eval_every >= 1, f"eval_every must be >= 1 (got {self.eval_every})")
+        need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1 (got {self.checkpoint_every})")
+        need(0.0 <= self.dropout < 1.0, f"dropout is a drop probability in [0, 1) (got {self.dropout})")
+        need(self.weight_decay >= 0.0, f"weight_decay must be >= 0 (got {self.weight_decay})")
+        need(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1) (got {self.val_fraction})")
+        need(self.init in ("normal", "xavier"), f"init must be normal or xavier (got {self.init!r})")
+        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             f"device must be auto, cpu or cuda (got {self.device!r})")
+        need(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16 (got {self.precision!r})")
+        need(self.memory_format in ("auto", "channels_last", "contiguous"),
+             f"memory_format must be auto, channels_last or contiguous (got {self.memory_format!r})")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise CifarlabError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        typed = {}
+        for name, value in values.items():
+            kind = type(getattr(cls(), name))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise CifarlabError(
+                    f"{source}: {name} should be {kind.__name__}, got {value!r}"
+                )
+            typed[name] = value
+        return cls(**typed).validate()
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes).validate()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def to_toml(values: dict[str, Any], header: dict[str, Any] | None = None) -> str:
+    """Flat TOML: the run's settings, then an [about] table (version, commit...)."""
+    lines = [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    if header:
+        lines += ["", "[about]"] + [f"{key} = {_toml_value(v)}" for key, v in header.items()]
+    return "\n".join(lines) + "\n"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise CifarlabError(f"{path}: not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise CifarlabError(f"{path}: not valid TOML ({err}); fix or remove the file") from None
+
+
+def load_config(path: Path) -> Config:
+    values = read_toml(path)
+    values.pop("about", None)
+    return Config.from_dict(values, source=str(path))

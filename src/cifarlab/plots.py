@@ -1,0 +1,41 @@
+"""Figures: the report's accuracy/loss curves (its Figures 1-6), for one run or several overlaid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cifarlab.fileio import write_with  # noqa: E402
+
+SPLIT_STYLE = {"train": dict(linestyle="-", alpha=0.55), "val": dict(linestyle=":", marker="s", ms=3),
+               "test": dict(linestyle="--", marker="o", ms=3)}
+
+
+def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | None = None) -> Path:
+    """Accuracy (left) and loss (right) against step, train and test, one colour per run."""
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = plt.get_cmap("tab10")
+    for i, (label, rows) in enumerate(series):
+        splits = [s for s in ("train", "val", "test") if any(r["split"] == s for r in rows)]
+        for split in splits:
+            pts = sorted((r["step"], r["accuracy"], r["loss"]) for r in rows if r["split"] == split)
+            steps = [p[0] for p in pts]
+            style = dict(color=colours(i % 10), label=f"{label} {split}", **SPLIT_STYLE.get(split, {}))
+            ax_acc.plot(steps, [p[1] for p in pts], **style)
+            ax_loss.plot(steps, [p[2] for p in pts], **style)
+    for ax, what in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    write_with(out, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+    return out

@@ -1,0 +1,217 @@
+"""A run directory: its config, metrics, summary, checkpoints and plots.
+
+Layout (every file written atomically):
+    config.toml                      resolved settings + [about] (versions, commit)
+    metrics.csv                      step, split, loss, accuracy, seconds
+    summary.json                     final/best results, timing, device
+    tb/                              TensorBoard events
+    checkpoints/step-N.safetensors   weights
+    checkpoints/last.pt              optimizer, RNG, step, running sums: what --resume needs
+    plots/curves.png                 accuracy and loss, train and test
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cifarlab import CifarlabError, __version__
+from cifarlab.config import Config, load_config, to_toml
+from cifarlab.fileio import write_json, write_text, write_with
+
+METRIC_FIELDS = ("step", "split", "loss", "accuracy", "seconds")
+_STEP_FILE = re.compile(r"step-(\d+)\.safetensors$")
+
+
+def git_commit() -> str:
+    """The commit of the cifarlab source, when it runs from a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.metrics: list[dict] = []
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    # -- creation ------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, out: str | None, study: str, root: Path = Path("runs")) -> "RunDir":
+        """A new run directory; never reuses one that already holds something.
+
+        Nothing is created on disk until `materialise()`, so a run that fails to start leaves
+        no empty directory behind.
+        """
+        if out:
+            path = Path(out)
+        else:
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            path = root / f"{study}-{stamp}"
+            n = 1
+            while path.exists():
+                n += 1
+                path = root / f"{study}-{stamp}-{n}"
+        if path.exists() and any(path.iterdir()):
+            raise CifarlabError(
+                f"{path}: already exists and is not empty; pass --resume {path} to continue it "
+                f"or choose another --out"
+            )
+        return cls(path)
+
+    def materialise(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        run = cls(Path(path))
+        if not (run.path / "config.toml").is_file():
+            raise CifarlabError(f"{run.path}: not a cifarlab run (no config.toml); check the path")
+        run.metrics = run.read_metrics()
+        return run
+
+    def write_config(self, cfg: Config) -> None:
+        self.materialise()
+        about = {
+            "cifarlab_version": __version__,
+            "git_commit": git_commit(),
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "created": dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        write_text(self.path / "config.toml", to_toml(cfg.to_dict(), about))
+
+    def config(self) -> Config:
+        return load_config(self.path / "config.toml")
+
+    # -- metrics -------------------------------------------------------------------------------
+    def add_metric(self, step: int, split: str, loss: float, accuracy: float, seconds: float) -> None:
+        self.metrics.append(
+            {"step": step, "split": split, "loss": loss, "accuracy": accuracy, "seconds": round(seconds, 3)}
+        )
+
+    def write_metrics(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for row in self.metrics:
+            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+        write_text(self.path / "metrics.csv", buf.getvalue())
+
+    def read_metrics(self) -> list[dict]:
+        path = self.path / "metrics.csv"
+        if not path.exists():
+            return []
+        rows = []
+        with open(path, newline="") as fh:
+            for n, row in enumerate(csv.DictReader(fh), start=2):
+                try:
+                    rows.append({"step": int(row["step"]), "split": row["split"],
+                                 "loss": float(row["loss"]), "accuracy": float(row["accuracy"]),
+                                 "seconds": float(row["seconds"])})
+                except (KeyError, TypeError, ValueError):
+                    raise CifarlabError(f"{path}: line {n} is not a metrics row; the file is damaged") from None
+        return rows
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop rows written after the checkpoint a resumed run starts from."""
+        self.metrics = [row for row in self.read_metrics() if row["step"] <= step]
+        self.write_metrics()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_weights(self, step: int, model: torch.nn.Module) -> Path:
+        path = self.checkpoints / f"step-{step}.safetensors"
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        write_with(path, lambda tmp: save_file(state, str(tmp), metadata={"step": str(step)}))
+        return path
+
+    def weight_steps(self) -> list[int]:
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.checkpoints.iterdir() if (m := _STEP_FILE.search(p.name)))
+
+    def load_weights(self, model: torch.nn.Module, step: int | None = None) -> int:
+        """Load step-N weights (the latest when step is None) into model; returns N."""
+        steps = self.weight_steps()
+        if not steps:
+            raise CifarlabError(f"{self.path}: no checkpoint yet (checkpoints/step-N.safetensors); train first")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CifarlabError(
+                f"{self.path}: no checkpoint at step {step}; available: {', '.join(map(str, steps))}"
+            )
+        path = self.checkpoints / f"step-{step}.safetensors"
+        try:
+            state = load_file(str(path), device=str(next(model.parameters()).device))
+        except Exception as err:  # safetensors raises several types for damaged files
+            raise CifarlabError(f"{path}: cannot read checkpoint ({err}); delete it or use another --checkpoint") from None
+        model.load_state_dict(state)
+        return step
+
+    def save_training_state(self, state: dict) -> None:
+        write_with(self.checkpoints / "last.pt", lambda tmp: torch.save(state, tmp))
+
+    def load_training_state(self, device: torch.device) -> dict:
+        path = self.checkpoints / "last.pt"
+        if not path.is_file():
+            raise CifarlabError(f"{path}: not found, nothing to resume; start a new run instead")
+        try:
+            return torch.load(path, map_location=device, weights_only=True)
+        except Exception as err:
+            raise CifarlabError(f"{path}: cannot read ({err}); resume is not possible from it") from None
+
+    def last_good_hint(self) -> str:
+        steps = self.weight_steps()
+        if not steps:
+            return "No checkpoint was saved before that."
+        return f"The last good checkpoint is {self.checkpoints / f'step-{steps[-1]}.safetensors'}."
+
+    # -- summary -------------------------------------------------------------------------------
+    def write_summary(self, cfg: Config, wall_seconds: float, train_seconds: float, device: torch.device) -> dict:
+        tests = [r for r in self.metrics if r["split"] == "test"]
+        best = max(tests, key=lambda r: r["accuracy"]) if tests else None
+        final = tests[-1] if tests else None
+        summary = {
+            "study": cfg.study,
+            "steps": cfg.steps,
+            "final_test_accuracy": final and final["accuracy"],
+            "final_test_loss": final and final["loss"],
+            "best_test_accuracy": best and best["accuracy"],
+            "best_test_step": best and best["step"],
+            "wall_seconds": round(wall_seconds, 3),
+            "train_seconds": round(train_seconds, 3),
+            "ms_per_step": round(1000 * train_seconds / max(cfg.steps, 1), 4),
+            "device": device_name(device),
+            "torch_version": torch.__version__,
+            "cifarlab_version": __version__,
+        }
+        write_json(self.path / "summary.json", summary)
+        return summary
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"

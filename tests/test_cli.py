@@ -1,0 +1,98 @@
+"""The command line end to end on tiny image folders, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_image_folders
+
+
+def cifarlab(*args, cwd=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "cifarlab", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = make_image_folders(root / "data", 4)
+    run = root / "run"
+    res = cifarlab("train", "classifier", "--data", data, "--steps", 6, "--batch-size", 8, "--eval-every", 3,
+                   "--checkpoint-every", 3, "--out", run, "--device", "cpu", "--quiet")
+    return data, run, res
+
+
+def test_train_writes_the_run_and_says_where(trained):
+    data, run, res = trained
+    assert res.returncode == 0, res.stderr
+    assert f"run directory  {run}" in res.stdout and "curves" in res.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and 0.0 <= summary["final_test_accuracy"] <= 1.0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "last.pt", "step-3.safetensors", "step-6.safetensors"]
+    assert (run / "plots" / "curves.png").is_file() and (run / "tb").is_dir()
+
+
+def test_eval_reproduces_the_logged_test_accuracy(trained):
+    data, run, _ = trained
+    res = cifarlab("eval", run, "--checkpoint", 6, "--data", data, "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    acc = json.loads((run / "summary.json").read_text())["final_test_accuracy"]
+    assert f"step 6 test:" in res.stdout and f"accuracy {acc:.4f}" in res.stdout
+    missing = cifarlab("eval", run, "--checkpoint", 5, "--data", data)
+    assert missing.returncode != 0 and "no checkpoint at step 5; available: 3, 6" in missing.stderr
+
+
+def test_resume_extends_a_finished_run(trained, tmp_path):
+    data, run, _ = trained
+    res = cifarlab("train", "classifier", "--resume", run, "--steps", 9, "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((run / "summary.json").read_text())["steps"] == 9
+    assert "step-9.safetensors" in os.listdir(run / "checkpoints")
+
+
+def test_plot_overlays_runs_with_labels(trained, tmp_path):
+    _, run, _ = trained
+    out = tmp_path / "overlay.png"
+    res = cifarlab("plot", run, run, "--out", out, "--labels", "a,b")
+    assert res.returncode == 0, res.stderr and out.stat().st_size > 10_000
+    bad = cifarlab("plot", run, "--out", out, "--labels", "a,b")
+    assert bad.returncode != 0 and "one per run" in bad.stderr
+
+
+def test_data_command_describes_the_layout(trained):
+    data, _, _ = trained
+    res = cifarlab("data", "--data", data)
+    assert res.returncode == 0, res.stderr
+    assert "image-folder" in res.stdout and "airplane" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--dropout", "1.5"], "dropout is a drop probability"),
+    (["--batch-size", "1000"], "larger than the training set"),
+])
+def test_bad_flags_give_one_error_line(trained, tmp_path, args, message):
+    data, _, _ = trained
+    res = cifarlab("train", "classifier", "--data", data, "--out", tmp_path / "x", "--quiet", *args)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and message in res.stderr
+    assert not (tmp_path / "x").exists(), "a run that failed to start left a directory"
+
+
+def test_missing_data_names_the_three_ways(tmp_path):
+    res = cifarlab("data", "--data", tmp_path / "empty", "--no-download")
+    assert res.returncode == 2 and res.stderr.startswith("error:")
+    assert "cifar-10-python.tar.gz" in res.stderr and "cifar-10-batches-py" in res.stderr
+
+
+def test_help_explains_every_flag():
+    res = cifarlab("train", "classifier", "--help")
+    assert res.returncode == 0
+    for flag in ("--steps", "--batch-size", "--lr", "--eval-every", "--checkpoint-every", "--seed",
+                 "--dropout", "--weight-decay", "--device", "--out", "--resume", "--precision"):
+        assert flag in res.stdout

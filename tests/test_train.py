@@ -1,0 +1,154 @@
+import csv
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifarlab import CifarlabError
+from cifarlab.config import Config, load_config
+from cifarlab.engine import TrainingDiverged
+from cifarlab.studies import EpochShuffler
+from cifarlab.train import train
+from synthetic import synthetic_cifar
+
+
+def small_cfg(**changes) -> Config:
+    base = Config(steps=40, batch_size=20, lr=1e-3, eval_every=10, checkpoint_every=20, init="xavier",
+                  device="cpu", tensorboard=False)
+    return base.replace(**changes)
+
+
+def metric_values(run_path):
+    with open(run_path / "metrics.csv") as fh:
+        return [(r["step"], r["split"], r["loss"], r["accuracy"]) for r in csv.DictReader(fh)]
+
+
+def test_short_run_learns_synthetic_data_well_above_chance(tmp_path):
+    run, summary = train(small_cfg(steps=60), out=str(tmp_path / "run"), progress=False, data=synthetic_cifar())
+    assert summary["final_test_accuracy"] > 0.6  # chance is 0.1
+    assert summary["steps"] == 60 and summary["best_test_step"] in (10, 20, 30, 40, 50, 60)
+
+
+def test_run_directory_has_every_artifact(tmp_path):
+    cfg = small_cfg(steps=20, tensorboard=True, weight_decay=0.005, dropout=0.2)
+    run, summary = train(cfg, out=str(tmp_path / "run"), progress=False, data=synthetic_cifar())
+    p = run.path
+    assert load_config(p / "config.toml") == cfg
+    assert "cifarlab_version" in (p / "config.toml").read_text()
+    rows = metric_values(p)
+    assert [(s, split) for s, split, *_ in rows] == [("10", "train"), ("10", "test"), ("20", "train"), ("20", "test")]
+    assert sorted(x.name for x in (p / "checkpoints").iterdir()) == ["last.pt", "step-20.safetensors"]
+    weights = load_file(str(p / "checkpoints" / "step-20.safetensors"))
+    assert "stages.fc1.linear.weight" in weights
+    assert any(f.name.startswith("events.out.tfevents") for f in (p / "tb").iterdir())
+    assert (p / "plots" / "curves.png").stat().st_size > 10_000
+    for key in ("final_test_accuracy", "best_test_accuracy", "best_test_step", "final_test_loss",
+                "wall_seconds", "ms_per_step", "device", "torch_version"):
+        assert summary[key] is not None
+    assert not [f for f in p.rglob(".tmp-*")], "temporary files left behind"
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    with pytest.raises(CifarlabError, match="already exists"):
+        train(small_cfg(steps=2), out=str(out), progress=False, data=synthetic_cifar())
+    assert (out / "precious.txt").read_text() == "mine"
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    data = synthetic_cifar()
+    cfg = small_cfg(dropout=0.3)  # dropout makes the RNG state matter
+    full, _ = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
+    first, _ = train(cfg.replace(steps=20), out=str(tmp_path / "part"), progress=False, data=data)
+    resumed, _ = train(cfg, resume=first.path, overrides={"steps": 40}, progress=False, data=data)
+    assert metric_values(resumed.path) == metric_values(full.path)
+
+
+class InterruptAt:
+    """Wraps a task and sends the process SIGINT when a given step's batch is drawn."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, task):
+        draw = task.train_inputs
+
+        def train_inputs(step):
+            if step == self.step:
+                os.kill(os.getpid(), signal.SIGINT)
+            return draw(step)
+
+        task.train_inputs = train_inputs
+        return task
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
+    import cifarlab.train as train_module
+
+    data = synthetic_cifar()
+    cfg = small_cfg(dropout=0.3)
+    full, _ = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
+    build = train_module.build_task
+    monkeypatch.setattr(train_module, "build_task", lambda *a, **k: InterruptAt(13)(build(*a, **k)))
+    with pytest.raises(CifarlabError, match="interrupted at step 14.*--resume"):
+        train(cfg, out=str(tmp_path / "cut"), progress=False, data=data)
+    monkeypatch.setattr(train_module, "build_task", build)
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 14
+    resumed, _ = train(cfg, resume=tmp_path / "cut", progress=False, data=data)
+    assert metric_values(resumed.path) == metric_values(full.path)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import cifarlab.train as train_module
+
+    build = train_module.build_task
+
+    def poisoned(*a, **k):
+        task = build(*a, **k)
+        loss_fn = task.train_loss
+        calls = {"n": 0}
+
+        def train_loss(*inputs):
+            calls["n"] += 1
+            loss, correct, n = loss_fn(*inputs)
+            return (loss * float("nan") if calls["n"] > 25 else loss), correct, n
+
+        task.train_loss = train_loss
+        return task
+
+    monkeypatch.setattr(train_module, "build_task", poisoned)
+    with pytest.raises(TrainingDiverged, match="nan.*step-20.safetensors"):
+        train(small_cfg(), out=str(tmp_path / "run"), progress=False, data=synthetic_cifar())
+    ckpts = sorted(x.name for x in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["last.pt", "step-20.safetensors"]
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step-20.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_shuffler_is_a_fresh_permutation_each_epoch_and_pure_in_step():
+    shuf = EpochShuffler(100, 30, seed=7, device=torch.device("cpu"))
+    epoch0 = torch.cat([shuf(s) for s in range(3)])
+    epoch1 = torch.cat([shuf(s) for s in range(3, 6)])
+    assert len(set(epoch0.tolist())) == 90 and len(set(epoch1.tolist())) == 90
+    assert not torch.equal(epoch0, epoch1)
+    again = EpochShuffler(100, 30, seed=7, device=torch.device("cpu"))
+    assert torch.equal(again(4), shuf(4))
+    with pytest.raises(CifarlabError, match="larger than the training set"):
+        EpochShuffler(10, 30, seed=0, device=torch.device("cpu"))
+
+
+def test_validation_split_is_evaluated_beside_test(tmp_path):
+    run, _ = train(small_cfg(steps=10, val_fraction=0.2), out=str(tmp_path / "run"), progress=False,
+                   data=synthetic_cifar())
+    assert [split for _, split, *_ in metric_values(run.path)] == ["train", "val", "test"]
+
+
+def test_bad_config_values_are_refused():
+    for bad in (dict(steps=0), dict(dropout=1.0), dict(precision="fp8"), dict(device="tpu")):
+        with pytest.raises(CifarlabError, match="invalid config"):
+            small_cfg(**bad)
