@@ -1,0 +1,126 @@
+"""Shared test helpers: tiny, deterministic CIFAR-10-shaped data in every on-disk layout.
+
+`tiny_arrays(n)` gives exactly the arrays `cifarlab.data.load_cifar10` returns for data written by
+`make_image_folders(root, n)` (PNG is lossless), `make_cifar_python(root, n)` or `make_tar(root, n)`
+with the same `n`: n images per class and split, classes interleaved (sample i has class i % 10).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarlab.data import ARCHIVE_NAME, BATCHES_DIR, CLASSES, META_FILE, TEST_BATCH, TRAIN_BATCHES
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Point every cache and default data folder at fresh temporary folders: no test may read or
+    write the user's real ~/.cache. Returns the CIFARLAB_CACHE folder."""
+    cache = tmp_path_factory.mktemp("cifarlab-cache")
+    monkeypatch.setenv("CIFARLAB_CACHE", str(cache))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    monkeypatch.delenv("CIFARLAB_DATA", raising=False)
+    return cache
+
+
+def tiny_arrays(n_per_class: int, seed: int = 0) -> dict:
+    """Random but reproducible images; labels cycle through the 10 classes."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split in ("train", "test"):
+        n = n_per_class * len(CLASSES)
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = np.arange(n, dtype=np.int64) % len(CLASSES)
+    return arrays
+
+
+def make_image_folders(root: Path, n_per_class: int, fmt: str = "png") -> Path:
+    """root/{train,test}/<class>/NNNN.<fmt>; returns root."""
+    root = Path(root)
+    arrays = tiny_arrays(n_per_class)
+    for split in ("train", "test"):
+        for i, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"])):
+            folder = root / split / CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i // len(CLASSES):04d}.{fmt}")
+    return root
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes str and bytes as Python 2 strings, as the official batches hold them: loading with
+    encoding="bytes" then gives bytes keys (b"data"), as with the real files."""
+
+    def __init__(self, f):
+        super().__init__(f, protocol=2)
+
+    def save_bytes(self, obj):
+        n = len(obj)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
+        else:
+            self.write(pickle.BINSTRING + n.to_bytes(4, "little") + obj)
+        self.memoize(obj)
+
+    def save_str(self, obj):
+        self.save_bytes(obj.encode("latin1"))
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[bytes] = save_bytes
+    dispatch[str] = save_str
+
+
+def dump_pickle(obj, path: Path, py2_bytes_keys: bool = True) -> None:
+    with open(path, "wb") as f:
+        if py2_bytes_keys:
+            Py2Pickler(f).dump(obj)
+        else:
+            pickle.dump(obj, f)
+
+
+def make_cifar_python(root: Path, n_per_class: int, py2_bytes_keys: bool = True) -> Path:
+    """root/cifar-10-batches-py/ as in the official archive (CHW rows); returns that folder."""
+    folder = Path(root) / BATCHES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = tiny_arrays(n_per_class)
+    train_parts = np.array_split(np.arange(len(arrays["train_labels"])), len(TRAIN_BATCHES))
+    batches = {
+        "train": dict(zip(TRAIN_BATCHES, train_parts)),
+        "test": {TEST_BATCH: np.arange(len(arrays["test_labels"]))},
+    }
+    for split, names in batches.items():
+        rows = arrays[f"{split}_images"].transpose(0, 3, 1, 2).reshape(-1, 3072)
+        for name, idx in names.items():
+            batch = {
+                "batch_label": name,
+                "labels": [int(y) for y in arrays[f"{split}_labels"][idx]],
+                "data": rows[idx],
+                "filenames": [f"{name}_{i}.png" for i in idx],
+            }
+            dump_pickle(batch, folder / name, py2_bytes_keys)
+    meta = {"label_names": list(CLASSES), "num_cases_per_batch": 10000, "num_vis": 3072}
+    dump_pickle(meta, folder / META_FILE, py2_bytes_keys)
+    return folder
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def make_tar(root: Path, n_per_class: int) -> tuple[Path, str]:
+    """root/cifar-10-python.tar.gz holding only cifar-10-batches-py/; returns (path, md5)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / ARCHIVE_NAME
+    with tempfile.TemporaryDirectory() as staging:
+        folder = make_cifar_python(Path(staging), n_per_class)
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(folder, arcname=BATCHES_DIR)
+    return archive, md5_of(archive)

@@ -1,0 +1,546 @@
+"""cifarlab.data: the three layouts, archive safety, download, the cache, bad input, helpers."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import pickle
+import re
+import shutil
+import tarfile
+import urllib.error
+
+import numpy as np
+import pytest
+from conftest import dump_pickle, make_cifar_python, make_image_folders, make_tar, md5_of, tiny_arrays
+from PIL import Image
+
+from cifarlab import CifarlabError, data
+from cifarlab.data import (
+    ARCHIVE_NAME,
+    BATCHES_DIR,
+    CLASSES,
+    DataError,
+    describe,
+    download_cifar10,
+    find_layout,
+    holdout_split,
+    load_cifar10,
+    mean_image,
+    resolve_data_dir,
+)
+
+N = 3  # images per class and split: 30 train, 30 test
+
+
+def load(root, **kwargs):
+    return load_cifar10(root, progress=False, download=False, **kwargs)
+
+
+def assert_arrays(ds, expected):
+    for key in ("train_images", "train_labels", "test_images", "test_labels"):
+        actual = getattr(ds, key)
+        assert actual.dtype == expected[key].dtype, key
+        np.testing.assert_array_equal(actual, expected[key], err_msg=key)
+    assert ds.classes == CLASSES
+
+
+def files_under(path):
+    return sorted(p.relative_to(path) for p in path.rglob("*"))
+
+
+# --- layouts ----------------------------------------------------------------------------------
+
+
+def test_png_image_folders_load_losslessly(tmp_path):
+    root = make_image_folders(tmp_path / "data", N)
+    ds = load(root)
+    assert_arrays(ds, tiny_arrays(N))
+    assert (ds.layout, ds.source, ds.checksum) == ("image-folder", root, data.CHECKSUM_FOLDERS)
+
+
+@pytest.mark.parametrize("py2_bytes_keys", [True, False], ids=["bytes-keys", "str-keys"])
+def test_pickles_load_with_bytes_or_str_keys(tmp_path, py2_bytes_keys):
+    folder = make_cifar_python(tmp_path / "data", N, py2_bytes_keys=py2_bytes_keys)
+    with open(folder / "data_batch_1", "rb") as f:
+        assert isinstance(next(iter(pickle.load(f, encoding="bytes"))), bytes) == py2_bytes_keys
+    ds = load(tmp_path / "data")
+    assert_arrays(ds, tiny_arrays(N))
+    assert (ds.layout, ds.source, ds.checksum) == ("cifar-python", folder, data.CHECKSUM_PICKLES)
+
+
+def test_archive_with_matching_md5_is_extracted_and_loaded(tmp_path):
+    root = tmp_path / "data"
+    archive, md5 = make_tar(root, N)
+    ds = load(root, expected_md5=md5)
+    assert_arrays(ds, tiny_arrays(N))
+    assert (ds.layout, ds.source, ds.checksum) == ("tar.gz", archive, "md5 ok")
+    assert sorted(p.name for p in root.iterdir()) == sorted([ARCHIVE_NAME, BATCHES_DIR])
+    # Next time the extracted folder is read, from the cache written by the first load.
+    again = load(root, expected_md5=md5)
+    assert (again.layout, again.from_cache, again.cache) == ("cifar-python", True, ds.cache)
+
+
+def test_jpeg_image_folders_load(tmp_path):
+    root = make_image_folders(tmp_path / "data", N, fmt="jpg")
+    ds = load(root)
+    expected = tiny_arrays(N)
+    np.testing.assert_array_equal(ds.train_labels, expected["train_labels"])
+    assert ds.train_images.shape == expected["train_images"].shape
+    with Image.open(root / "train" / CLASSES[1] / "0000.jpg") as im:
+        np.testing.assert_array_equal(ds.train_images[1], np.asarray(im))
+
+
+@pytest.mark.parametrize("kind", ["image-folder", "cifar-python", "tar.gz"])
+def test_data_may_point_at_the_layout_itself(tmp_path, kind):
+    if kind == "image-folder":
+        target = make_image_folders(tmp_path / "folders", N)
+    elif kind == "cifar-python":
+        target = make_cifar_python(tmp_path / "somewhere", N)
+    else:
+        target, _ = make_tar(tmp_path / "somewhere", N)
+    assert find_layout(target) == (kind, target)
+    ds = load(target, expected_md5=None)
+    assert_arrays(ds, tiny_arrays(N))
+    assert (ds.layout, ds.source) == (kind, target)
+
+
+def test_layout_preference_folders_then_pickles_then_archive(tmp_path):
+    root = tmp_path / "data"
+    assert find_layout(root) is None
+    make_tar(root, 1)
+    assert find_layout(root) == ("tar.gz", root / ARCHIVE_NAME)
+    make_cifar_python(root, 1)
+    assert find_layout(root) == ("cifar-python", root / BATCHES_DIR)
+    make_image_folders(root, 1)
+    assert find_layout(root) == ("image-folder", root)
+
+
+def test_image_folder_order_keeps_every_class_in_the_holdout_tail(tmp_path):
+    ds = load(make_image_folders(tmp_path / "data", 5))
+    _, (_, val_labels) = holdout_split(ds.train_images, ds.train_labels, 0.2)
+    assert sorted(val_labels) == list(range(10))
+
+
+def test_process_pool_decoding_matches_and_reports_bad_files(tmp_path, monkeypatch):
+    pools = []
+    make_pool = data._process_pool
+    monkeypatch.setattr(data, "_process_pool", lambda n: pools.append(n) or make_pool(n))
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(data, "_POOL_MIN_IMAGES", 0)
+    monkeypatch.setattr(data, "_CHUNK", 7)
+    root = make_image_folders(tmp_path / "data", N)
+    assert_arrays(load(root, cache=False), tiny_arrays(N))
+    assert pools == [2, 2]  # one pool per split
+    bad = root / "train" / "dog" / "0002.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=re.escape(str(bad))):
+        load(root, cache=False)
+
+
+# --- archive safety ---------------------------------------------------------------------------
+
+
+def test_archive_with_wrong_md5_is_refused_and_kept(tmp_path):
+    root = tmp_path / "data"
+    archive, md5 = make_tar(root, N)
+    with pytest.raises(DataError, match="md5") as err:
+        load(root, expected_md5="0" * 32)
+    assert str(archive) in str(err.value) and "delete it" in str(err.value)
+    assert md5_of(archive) == md5
+    assert files_under(root) == [archive.relative_to(root)]
+
+
+def _unsafe_member(kind, tmp_path):
+    """A tar member that would write outside the extraction folder or is not a plain file."""
+    info = tarfile.TarInfo(f"{BATCHES_DIR}/evil")
+    if kind == "dotdot":
+        info.name, info.size = f"{BATCHES_DIR}/../../../evil", 4
+    elif kind == "absolute":
+        info.name, info.size = str(tmp_path / "evil"), 4
+    elif kind == "symlink":
+        info.type, info.linkname = tarfile.SYMTYPE, str(tmp_path / "evil")
+    elif kind == "hardlink":
+        info.type, info.linkname = tarfile.LNKTYPE, f"{BATCHES_DIR}/readme.txt"
+    else:
+        info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+    return info
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "device"])
+def test_unsafe_archive_members_are_refused(tmp_path, kind):
+    root = tmp_path / "data"
+    root.mkdir()
+    archive = root / ARCHIVE_NAME
+    with tarfile.open(archive, "w:gz") as tar:
+        readme = tarfile.TarInfo(f"{BATCHES_DIR}/readme.txt")
+        readme.size = 2
+        tar.addfile(readme, io.BytesIO(b"hi"))
+        evil = _unsafe_member(kind, tmp_path)
+        tar.addfile(evil, io.BytesIO(b"evil") if evil.isfile() else None)
+    with pytest.raises(DataError, match="refusing") as err:
+        load(root, expected_md5=None)
+    assert str(archive) in str(err.value)
+    assert files_under(tmp_path) == [root.relative_to(tmp_path), archive.relative_to(tmp_path)]
+
+
+def test_extraction_finished_first_by_a_concurrent_load_is_used(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    archive, md5 = make_tar(root, N)
+    extract_member = data._extract_member
+
+    def racing(*args):
+        if not (root / BATCHES_DIR).exists():
+            make_cifar_python(root, N)  # the other load publishes its folder meanwhile
+        extract_member(*args)
+
+    monkeypatch.setattr(data, "_extract_member", racing)
+    assert_arrays(load(root, expected_md5=md5), tiny_arrays(N))
+    assert sorted(p.name for p in root.iterdir()) == sorted([ARCHIVE_NAME, BATCHES_DIR])
+
+
+def test_truncated_archive_leaves_no_partial_folder(tmp_path):
+    root = tmp_path / "data"
+    archive, _ = make_tar(root, N)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size * 2 // 3])
+    with pytest.raises(DataError, match="truncated or corrupt") as err:
+        load(root, expected_md5=None)
+    assert str(archive) in str(err.value)
+    assert files_under(root) == [archive.relative_to(root)]
+
+
+def test_archive_without_the_batches_folder_is_refused(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    with tarfile.open(root / ARCHIVE_NAME, "w:gz") as tar:
+        tar.add(make_image_folders(tmp_path / "other", 1) / "train", arcname="train")
+    with pytest.raises(DataError, match=f"no {BATCHES_DIR}"):
+        load(root, expected_md5=None)
+    assert [p.name for p in root.iterdir()] == [ARCHIVE_NAME]
+
+
+# --- download ---------------------------------------------------------------------------------
+
+
+def test_download_from_a_local_url(tmp_path, monkeypatch):
+    served, md5 = make_tar(tmp_path / "server", N)
+    monkeypatch.setattr(data, "CIFAR10_URL", served.as_uri())
+    root = tmp_path / "data"
+    ds = load_cifar10(root, progress=False, expected_md5=md5)
+    assert_arrays(ds, tiny_arrays(N))
+    assert (ds.layout, ds.source, ds.checksum) == ("tar.gz", root / ARCHIVE_NAME, "md5 ok (downloaded)")
+    assert md5_of(root / ARCHIVE_NAME) == md5
+    assert sorted(p.name for p in root.iterdir()) == sorted([ARCHIVE_NAME, BATCHES_DIR])
+
+
+class _DyingResponse(io.BytesIO):
+    """A response that delivers some bytes and then fails, like a dropped connection."""
+
+    headers = {"Content-Length": "1000000"}
+
+    def __init__(self, error):
+        super().__init__(b"x" * 5000)
+        self.error = error
+
+    def read(self, size=-1):
+        if self.tell() >= 5000:
+            raise self.error
+        return super().read(min(size, 1000))
+
+
+@pytest.mark.parametrize(
+    "error", [ConnectionResetError("reset by peer"), http.client.IncompleteRead(b""), KeyboardInterrupt()]
+)
+def test_interrupted_download_leaves_no_archive(tmp_path, monkeypatch, error):
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: _DyingResponse(error))
+    root = tmp_path / "data"
+    with pytest.raises(KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else DataError):
+        download_cifar10(root, progress=False)
+    assert files_under(root) == []
+
+
+def test_download_keeps_an_archive_already_there(tmp_path, monkeypatch):
+    archive, md5 = make_tar(tmp_path / "data", N)
+    monkeypatch.setattr(data.urllib.request, "urlopen", None)  # any download attempt would fail loudly
+    assert download_cifar10(tmp_path / "data", progress=False) == archive
+    assert md5_of(archive) == md5
+
+
+def test_download_with_wrong_md5_is_discarded(tmp_path):
+    served, _ = make_tar(tmp_path / "server", N)
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="md5"):
+        download_cifar10(root, url=served.as_uri(), expected_md5="0" * 32, progress=False)
+    assert files_under(root) == []
+
+
+def _assert_names_three_ways(message, root):
+    assert "\n" not in message
+    ways = (ARCHIVE_NAME, BATCHES_DIR, "train/<class>/", "test/<class>/", "--data", "CIFARLAB_DATA")
+    for part in (*ways, str(root)):
+        assert part in message
+
+
+def test_offline_error_names_the_three_ways(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as err:
+        load_cifar10(root, progress=False)
+    _assert_names_three_ways(str(err.value), root)
+    assert data.CIFAR10_URL in str(err.value) and "name resolution" in str(err.value)
+    assert files_under(root) == []
+
+
+def test_no_data_and_no_download_names_the_three_ways(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.urllib.request, "urlopen", None)  # any download attempt would fail loudly
+    with pytest.raises(DataError) as err:
+        load(tmp_path / "empty")
+    _assert_names_three_ways(str(err.value), tmp_path / "empty")
+
+
+# --- cache ------------------------------------------------------------------------------------
+
+
+def test_second_load_comes_from_the_cache_outside_the_data_dir(tmp_path, isolated_cache):
+    root = make_image_folders(tmp_path / "data", N)
+    before = files_under(root)
+    first, second = load(root), load(root)
+    assert (first.from_cache, second.from_cache) == (False, True)
+    assert first.cache == second.cache and first.cache.parent == isolated_cache
+    assert_arrays(second, tiny_arrays(N))
+    assert files_under(root) == before
+
+
+def test_cached_arrays_are_writable_without_touching_the_cache(tmp_path):
+    root = make_cifar_python(tmp_path / "data", N)
+    load(root)
+    hit = load(root)
+    assert hit.from_cache
+    hit.train_images[:] = 0  # e.g. in-place preprocessing
+    assert_arrays(load(root), tiny_arrays(N))
+
+
+def test_unwritable_cache_warns_and_still_loads(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("CIFARLAB_CACHE", str(blocker / "cache"))
+    with pytest.warns(UserWarning, match="could not write the CIFAR-10 cache"):
+        ds = load(make_image_folders(tmp_path / "data", N))
+    assert (ds.cache, ds.from_cache) == (None, False)
+    assert_arrays(ds, tiny_arrays(N))
+
+
+def test_cache_defaults_to_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("CIFARLAB_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    ds = load(make_cifar_python(tmp_path / "data", N))
+    assert ds.cache.parent == tmp_path / "xdg" / "cifarlab" / "decoded"
+
+
+def test_touched_source_file_rebuilds_the_cache(tmp_path, isolated_cache):
+    root = make_image_folders(tmp_path / "data", N)
+    first = load(root)
+    png = root / "test" / "frog" / "0001.png"
+    stat = png.stat()
+    os.utime(png, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    second = load(root)
+    assert not second.from_cache and second.cache != first.cache
+    assert list(isolated_cache.glob("*.npz")) == [second.cache]  # the stale one is gone
+
+
+def test_changed_pixels_are_picked_up(tmp_path):
+    root = make_image_folders(tmp_path / "data", N)
+    load(root)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "train" / CLASSES[0] / "0000.png")
+    ds = load(root)
+    assert not ds.from_cache
+    assert ds.train_images[0].max() == 0
+
+
+def _npz_bytes(save, **arrays):
+    buffer = io.BytesIO()
+    save(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign", "compressed"])
+def test_unusable_cache_is_rebuilt(tmp_path, damage):
+    root = make_cifar_python(tmp_path / "data", N)
+    cache = load(root).cache
+    content = cache.read_bytes()
+    damaged = {
+        "garbage": lambda: b"not a zip",
+        "truncated": lambda: content[: len(content) // 2],
+        "empty": lambda: b"",
+        "foreign": lambda: _npz_bytes(np.savez, x=np.zeros(3)),
+        "compressed": lambda: _npz_bytes(np.savez_compressed, **tiny_arrays(N), classes=CLASSES),
+    }
+    cache.write_bytes(damaged[damage]())
+    rebuilt = load(root)
+    assert not rebuilt.from_cache
+    assert_arrays(rebuilt, tiny_arrays(N))
+    assert load(root).from_cache
+
+
+def test_cache_can_be_turned_off(tmp_path, isolated_cache):
+    ds = load(make_image_folders(tmp_path / "data", N), cache=False)
+    assert (ds.cache, ds.from_cache) == (None, False)
+    assert list(isolated_cache.iterdir()) == []
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def _pickles(tmp_path):
+    return tmp_path, make_cifar_python(tmp_path, N)
+
+
+def _truncated_pickle(tmp_path):
+    root, folder = _pickles(tmp_path)
+    culprit = folder / "data_batch_3"
+    culprit.write_bytes(culprit.read_bytes()[:1000])
+    return root, culprit
+
+
+def _garbage_pickle(tmp_path):
+    root, folder = _pickles(tmp_path)
+    (folder / "test_batch").write_bytes(b"this is not a pickle")
+    return root, folder / "test_batch"
+
+
+def _pickle_without_labels(tmp_path):
+    root, folder = _pickles(tmp_path)
+    dump_pickle({"data": np.zeros((3, 3072), np.uint8)}, folder / "data_batch_2")
+    return root, folder / "data_batch_2"
+
+
+def _label_out_of_range(tmp_path):
+    root, folder = _pickles(tmp_path)
+    dump_pickle({"data": np.zeros((2, 3072), np.uint8), "labels": [3, 10]}, folder / "data_batch_5")
+    return root, folder / "data_batch_5"
+
+
+def _nine_label_names(tmp_path):
+    root, folder = _pickles(tmp_path)
+    dump_pickle({"label_names": list(CLASSES[:9])}, folder / "batches.meta")
+    return root, folder / "batches.meta"
+
+
+def _no_test_batch(tmp_path):
+    root, folder = _pickles(tmp_path)
+    (folder / "test_batch").unlink()
+    return root, folder / "test_batch"
+
+
+def _undecodable_image(tmp_path):
+    root = make_image_folders(tmp_path, N)
+    culprit = root / "train" / "cat" / "0001.png"
+    culprit.write_bytes(b"\x89PNG but not really")
+    return root, culprit
+
+
+def _wrong_size_image(tmp_path):
+    root = make_image_folders(tmp_path, N)
+    culprit = root / "test" / "ship" / "0002.png"
+    Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(culprit)
+    return root, culprit
+
+
+def _no_test_folder(tmp_path):
+    root = make_image_folders(tmp_path, N)
+    shutil.rmtree(root / "test")
+    return root, root
+
+
+def _nine_class_folders(tmp_path):
+    root = make_image_folders(tmp_path, N)
+    for split in ("train", "test"):
+        shutil.rmtree(root / split / "truck")
+    return root, root / "train"
+
+
+def _test_classes_differ(tmp_path):
+    root = make_image_folders(tmp_path, N)
+    (root / "test" / "truck").rename(root / "test" / "lorry")
+    return root, root / "test"
+
+
+BAD_INPUTS = [
+    _truncated_pickle,
+    _garbage_pickle,
+    _pickle_without_labels,
+    _label_out_of_range,
+    _nine_label_names,
+    _no_test_batch,
+    _undecodable_image,
+    _wrong_size_image,
+    _no_test_folder,
+    _nine_class_folders,
+    _test_classes_differ,
+]
+
+
+@pytest.mark.parametrize("breaker", BAD_INPUTS, ids=[f.__name__.strip("_") for f in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_file(tmp_path, breaker):
+    root, culprit = breaker(tmp_path / "data")
+    content = culprit.read_bytes() if culprit.is_file() else None
+    with pytest.raises(DataError) as err:
+        load(root)
+    message = str(err.value)
+    assert isinstance(err.value, CifarlabError)
+    assert f"{culprit}:" in message and "\n" not in message
+    assert err.value.__cause__ is None
+    if content is not None:
+        assert culprit.read_bytes() == content  # never rewritten or deleted
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def test_describe_reports_layout_checksum_cache_and_counts(tmp_path):
+    root = make_image_folders(tmp_path / "data", N)
+    load(root)
+    text = describe(load(root))
+    assert "image-folder" in text and str(root) in text and data.CHECKSUM_FOLDERS in text
+    assert "(hit)" in text and "30 train, 30 test" in text
+    for name in CLASSES:
+        assert any(line.split() == [name, str(N), str(N)] for line in text.splitlines())
+    assert "cache:    off" in describe(load(root, cache=False))
+
+
+def test_holdout_split_takes_the_last_fraction_in_order():
+    images, labels = np.arange(50).reshape(10, 5), np.arange(10)
+    (train_x, train_y), (val_x, val_y) = holdout_split(images, labels, 0.2)
+    np.testing.assert_array_equal(train_y, np.arange(8))
+    np.testing.assert_array_equal(val_y, [8, 9])
+    np.testing.assert_array_equal(val_x, images[8:])
+    np.testing.assert_array_equal(train_x, images[:8])
+    assert len(holdout_split(np.zeros((50000, 1)), np.zeros(50000), 0.2)[1][1]) == 10000
+    assert len(holdout_split(images, labels, 0)[1][1]) == 0
+    for bad in (1.0, -0.1):
+        with pytest.raises(DataError):
+            holdout_split(images, labels, bad)
+
+
+def test_mean_image_is_the_float32_per_pixel_mean():
+    images = tiny_arrays(2)["train_images"]
+    mean = mean_image(images)
+    assert mean.dtype == np.float32 and mean.shape == (32, 32, 3)
+    np.testing.assert_allclose(mean, images.astype(np.float64).mean(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(mean_image(np.full((300, 32, 32, 3), 255, np.uint8)), 255)
+
+
+def test_resolve_data_dir_prefers_flag_then_env_then_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert resolve_data_dir(None) == tmp_path / "home" / ".cache" / "cifarlab"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert resolve_data_dir(None) == tmp_path / "xdg" / "cifarlab"
+    monkeypatch.setenv("CIFARLAB_DATA", str(tmp_path / "env"))
+    assert resolve_data_dir(None) == tmp_path / "env"
+    assert resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
+    assert resolve_data_dir("~/flag") == tmp_path / "home" / "flag"
