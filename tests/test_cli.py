@@ -96,3 +96,32 @@ def test_help_explains_every_flag():
     for flag in ("--steps", "--batch-size", "--lr", "--eval-every", "--checkpoint-every", "--seed",
                  "--dropout", "--weight-decay", "--device", "--out", "--resume", "--precision"):
         assert flag in res.stdout
+
+
+def test_presets_are_listed_and_flags_override_them(trained, tmp_path):
+    data, _, _ = trained
+    listing = cifarlab("presets")
+    assert listing.returncode == 0
+    for name in ("classifier-b128", "classifier-b64-wd0.01", "siamese-exp1", "siamese-exp2", "siamese-exp3"):
+        assert name in listing.stdout
+    run = tmp_path / "p"
+    res = cifarlab("train", "classifier", "--preset", "classifier-b64-wd0.01", "--batch-size", 8, "--steps", 2,
+                   "--eval-every", 2, "--data", data, "--out", run, "--quiet", "--no-tensorboard")
+    assert res.returncode == 0, res.stderr
+    config = (run / "config.toml").read_text()
+    assert "weight_decay = 0.01" in config and "batch_size = 8" in config and "steps = 2\n" in config
+    wrong = cifarlab("train", "classifier", "--preset", "siamese-exp3", "--data", data)
+    assert wrong.returncode == 2 and "cifarlab train siamese" in wrong.stderr
+    unknown = cifarlab("train", "--preset", "nope")
+    assert unknown.returncode == 2 and "unknown preset 'nope'" in unknown.stderr
+
+
+def test_siamese_trains_from_the_command_line(tmp_path):
+    data = make_image_folders(tmp_path / "data", 10)
+    run = tmp_path / "s"
+    res = cifarlab("train", "siamese", "--preset", "siamese-exp3", "--data", data, "--steps", 2, "--batch-size", 10,
+                   "--fraction-same", 0.1, "--val-tuples", 2, "--eval-every", 2, "--out", run, "--quiet")
+    assert res.returncode == 0, res.stderr
+    config = (run / "config.toml").read_text()
+    assert 'study = "siamese"' in config and 'sampler = "random"' in config and 'loss = "report2"' in config
+    assert [line.split(",")[1] for line in (run / "metrics.csv").read_text().splitlines()[1:]] == ["train", "val", "test"]

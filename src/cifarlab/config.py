@@ -16,7 +16,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-STUDIES = ("classifier",)
+STUDIES = ("classifier", "siamese", "transfer")
+# Where a study's defaults differ from the classifier's (the report's step counts).
+STUDY_DEFAULTS = {"siamese": {"steps": 50000, "val_fraction": 0.2}, "transfer": {"steps": 10000}}
 
 
 @dataclass
@@ -37,6 +39,18 @@ class Config:
     weight_decay: float = 0.0
     init: str = "normal"
     val_fraction: float = 0.0  # hold out the last fraction of train as a validation split
+    # Siamese (study 2)
+    loss: str = "report1"
+    margin: float = 1.0
+    sampler: str = "anchor"
+    fraction_same: float = 0.2
+    val_tuples: int = 500
+    # transfer (study 3)
+    backbone: str = "vgg16"
+    backbone_weights: str = "imagenet"  # "imagenet", "none" or a weights file
+    refine_after: int = -1  # K: train the backbone too from step K on; -1 = never (feature extraction)
+    input_size: int = 32
+    feature_cache: bool = True  # while the backbone is frozen, compute its features once
     # where and how
     data: str = ""
     device: str = "auto"
@@ -60,6 +74,15 @@ class Config:
         need(self.weight_decay >= 0.0, f"weight_decay must be >= 0 (got {self.weight_decay})")
         need(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1) (got {self.val_fraction})")
         need(self.init in ("normal", "xavier"), f"init must be normal or xavier (got {self.init!r})")
+        need(self.loss in ("report1", "report2", "hadsell"),
+             f"loss must be report1, report2 or hadsell (got {self.loss!r})")
+        need(self.margin > 0, f"margin must be > 0 (got {self.margin})")
+        need(self.sampler in ("anchor", "random"), f"sampler must be anchor or random (got {self.sampler!r})")
+        need(0.0 < self.fraction_same < 1.0, f"fraction_same must be in (0, 1) (got {self.fraction_same})")
+        need(self.val_tuples >= 1, f"val_tuples must be >= 1 (got {self.val_tuples})")
+        need(self.backbone in ("vgg16", "efficientnet-lite0"),
+             f"backbone must be vgg16 or efficientnet-lite0 (got {self.backbone!r})")
+        need(self.refine_after >= -1, f"refine_after must be a step >= 0, or -1 for never (got {self.refine_after})")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu or cuda (got {self.device!r})")
         need(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16 (got {self.precision!r})")
@@ -87,6 +110,13 @@ class Config:
                 )
             typed[name] = value
         return cls(**typed).validate()
+
+    @classmethod
+    def for_study(cls, study: str, **changes: Any) -> "Config":
+        """The defaults of `study` (e.g. 50,000 steps for the Siamese study), then `changes`."""
+        if study not in STUDIES:
+            raise CifarlabError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")
+        return cls(study=study, **STUDY_DEFAULTS.get(study, {})).replace(**changes)
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes).validate()

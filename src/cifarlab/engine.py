@@ -51,7 +51,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CifarlabError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+    return device
 
 
 def make_autocast(precision: str, device: torch.device):
@@ -183,7 +187,8 @@ class Trainer:
         self.cfg, self.task, self.run, self.device, self.progress = cfg, task, run, device, progress
         self.model = task.model
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.lr, capturable=self._use_graph(), foreach=True
+            [p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
+            capturable=self._use_graph(), foreach=True,
         )
         self.autocast = make_autocast(cfg.precision, device)
         self.runner = StepRunner(task, self.optimizer, self.autocast, self._use_graph())
@@ -192,6 +197,14 @@ class Trainer:
         # cumulative over resumes: all time in fit(), and the part spent evaluating/logging
         self.clock = {"wall": 0.0, "eval": 0.0}
         self._started = time.perf_counter()
+
+    def _sync_phase(self) -> None:
+        """Let the task start training more parameters at this step (the transfer study's
+        refine-after-K): they join Adam as a new group and the CUDA graph is captured anew."""
+        more = self.task.parameters_to_unfreeze(self.step) if hasattr(self.task, "parameters_to_unfreeze") else None
+        if more:
+            self.optimizer.add_param_group({"params": more})
+            self.runner.graph = None
 
     def _use_graph(self) -> bool:
         return self.cfg.cuda_graph and self.device.type == "cuda"
@@ -223,12 +236,13 @@ class Trainer:
     def resume(self) -> None:
         state = self.run.load_training_state(self.device)
         self.model.load_state_dict(state["model"])
+        self.step = int(state["step"])
+        self._sync_phase()  # the optimizer must have the groups it had when saved
         self.optimizer.load_state_dict(state["optimizer"])
         self.runner.load_state_dict(state["accumulators"])
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        self.step = int(state["step"])
         self.clock = {k: float(v) for k, v in state["clock"].items()}
         self.run.truncate_metrics(self.step)
 
@@ -279,6 +293,7 @@ class Trainer:
         try:
             with _InterruptFlag() as interrupt:
                 while self.step < cfg.steps:
+                    self._sync_phase()
                     self.runner.run(self.step)
                     self.step += 1
                     log_now = self.step % cfg.eval_every == 0 or self.step == cfg.steps

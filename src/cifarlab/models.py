@@ -124,6 +124,30 @@ def convnet(num_classes: int = 10, dropout: float = 0.0, init: str = "normal") -
     return net
 
 
+class L2Normalize(nn.Module):
+    """Project onto the unit sphere: the Siamese embedding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1)
+
+
+def siamese_branch(dropout: float = 0.0, init: str = "normal") -> StagedNet:
+    """Study 2's branch: the ConvNet up to fc2 (no fc3), then L2 normalisation (192-d unit vector).
+
+    Both inputs of a pair go through this one network, so the weights are shared by construction.
+    """
+    net = StagedNet(
+        OrderedDict(
+            flatten=convnet_trunk(),
+            fc1=fc_block(4096, 384, dropout),
+            fc2=fc_block(384, 192, dropout),
+            embedding=L2Normalize(),
+        )
+    )
+    init_weights([net], init)
+    return net
+
+
 def decayed_weights(model: StagedNet) -> list[torch.Tensor]:
     """The weight matrices the seed put under L2 regularisation: those of fc1 and fc2."""
     return [model.stages[name].linear.weight for name in ("fc1", "fc2")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -9,8 +11,10 @@ import torch.nn.functional as F
 from cifarlab import CifarlabError
 from cifarlab.config import Config
 from cifarlab.data import Cifar10, holdout_split, load_cifar10, mean_image
-from cifarlab.losses import classifier_loss
-from cifarlab.models import convnet, decayed_weights
+from cifarlab.losses import classifier_loss, contrastive_loss, same_class_threshold
+from cifarlab.backbones import build_backbone
+from cifarlab.models import StagedNet, convnet, decayed_weights, fc_block, init_weights, siamese_branch
+from cifarlab.pairs import ClassIndex, fixed_tuples, sample_pairs
 
 EVAL_BATCH = 1000
 
@@ -28,9 +32,11 @@ class DeviceImages:
     Stored NHWC when the model runs channels_last, so a gathered batch is a free permute.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: np.ndarray,
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: np.ndarray | None,
                  device: torch.device, memory_format: torch.memory_format):
-        x = torch.from_numpy(images).float().sub_(torch.from_numpy(mean))  # N, H, W, C
+        x = torch.from_numpy(images).float()  # N, H, W, C
+        if mean is not None:
+            x.sub_(torch.from_numpy(mean))
         self.channels_last = memory_format == torch.channels_last
         self.x = (x if self.channels_last else x.permute(0, 3, 1, 2)).contiguous().to(device)
         self.y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
@@ -71,6 +77,22 @@ class EpochShuffler:
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
 
+def device_splits(cfg: Config, data: Cifar10, device: torch.device, fmt,
+                  center: bool = True) -> dict[str, DeviceImages]:
+    """train, val (the last cfg.val_fraction of train, if any) and test, on the device; with
+    `center`, minus the mean image of the (remaining) training images, as the seed did."""
+    train_images, train_labels = data.train_images, data.train_labels
+    val = None
+    if cfg.val_fraction > 0:
+        (train_images, train_labels), val = holdout_split(train_images, train_labels, cfg.val_fraction)
+    mean = mean_image(train_images) if center else None
+    splits = {"train": DeviceImages(train_images, train_labels, mean, device, fmt)}
+    if val is not None:
+        splits["val"] = DeviceImages(*val, mean, device, fmt)
+    splits["test"] = DeviceImages(data.test_images, data.test_labels, mean, device, fmt)
+    return splits
+
+
 @torch.no_grad()
 def evaluate_classifier(model, images: DeviceImages, autocast) -> tuple[float, float]:
     """Mean cross-entropy (without the L2 term) and accuracy over a whole split."""
@@ -90,15 +112,7 @@ class ClassifierTask:
     def __init__(self, cfg: Config, data: Cifar10, device: torch.device, autocast):
         self.cfg, self.autocast = cfg, autocast
         fmt = pick_memory_format(device, cfg.memory_format)
-        train_images, train_labels = data.train_images, data.train_labels
-        val = None
-        if cfg.val_fraction > 0:
-            (train_images, train_labels), val = holdout_split(train_images, train_labels, cfg.val_fraction)
-        mean = mean_image(train_images)
-        self.splits = {"train": DeviceImages(train_images, train_labels, mean, device, fmt)}
-        if val is not None:
-            self.splits["val"] = DeviceImages(*val, mean, device, fmt)
-        self.splits["test"] = DeviceImages(data.test_images, data.test_labels, mean, device, fmt)
+        self.splits = device_splits(cfg, data, device, fmt)
         self.model = convnet(len(data.classes), cfg.dropout, cfg.init).to(device, memory_format=fmt)
         self.decayed = decayed_weights(self.model)
         self.shuffle = EpochShuffler(len(self.splits["train"]), cfg.batch_size, cfg.seed, device)
@@ -117,6 +131,164 @@ class ClassifierTask:
                 for split, images in self.splits.items() if split != "train"}
 
 
+@torch.no_grad()
+def embed(model, images: DeviceImages, autocast, progress: bool = False, desc: str = "") -> torch.Tensor:
+    """The model's output for every image of a split, in order."""
+    parts = []
+    batches = images.slices()
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=-(-len(images) // EVAL_BATCH), desc=desc, unit="batch", leave=False)
+    for x, _ in batches:
+        with autocast():
+            parts.append(model(x).float())
+    return torch.cat(parts)
+
+
+class SiameseTask:
+    """Study 2: one branch network embeds both images of a pair; a contrastive loss on their distance.
+
+    Training pairs come from the first (1 - val_fraction) of train, validation tuples from the
+    rest, test tuples from the test set. Besides the loss it reports the accuracy of the rule
+    "same class iff d < threshold" (see losses.same_class_threshold).
+    """
+
+    def __init__(self, cfg: Config, data: Cifar10, device: torch.device, autocast):
+        if cfg.val_fraction <= 0:
+            raise CifarlabError("the Siamese study needs --val-fraction > 0 (the report holds out 20%)")
+        self.cfg, self.autocast = cfg, autocast
+        fmt = pick_memory_format(device, cfg.memory_format)
+        self.splits = device_splits(cfg, data, device, fmt)
+        self.model = siamese_branch(cfg.dropout, cfg.init).to(device, memory_format=fmt)
+        self.pool = ClassIndex(self.splits["train"].y, len(data.classes), "the training pool")
+        n_same = int(cfg.fraction_same * cfg.batch_size)
+        if int(self.pool.counts.min()) <= n_same or cfg.batch_size > len(self.splits["train"]):
+            raise CifarlabError(
+                f"the training pool ({len(self.splits['train'])} images) is too small for batches of "
+                f"{cfg.batch_size} with {n_same} same-class partners; lower --batch-size"
+            )
+        self.eval_tuples = {
+            split: fixed_tuples(ClassIndex(self.splits[split].y, len(data.classes), f"the {split} split"), cfg.val_tuples,
+                                cfg.batch_size, cfg.fraction_same, seed=cfg.seed + offset)
+            for offset, split in enumerate(("val", "test"))
+        }
+        self.threshold = same_class_threshold(cfg.margin, cfg.loss)
+        self.gen = torch.Generator(device=device)
+
+    def train_inputs(self, step: int) -> tuple[torch.Tensor, ...]:
+        self.gen.manual_seed(self.cfg.seed * 1_000_003 + step)  # pairs are a pure function of the step
+        return sample_pairs(self.cfg.sampler, self.pool, self.cfg.batch_size, self.cfg.fraction_same, self.gen)
+
+    def _score(self, first_emb, second_emb, same):
+        loss, d = contrastive_loss(first_emb, second_emb, same, self.cfg.margin, self.cfg.loss)
+        return loss, ((d < self.threshold).float() == same).sum()
+
+    def train_loss(self, first: torch.Tensor, second: torch.Tensor, same: torch.Tensor):
+        images = self.splits["train"]
+        both = torch.cat([first, second])  # one forward pass for both branches
+        emb = self.model(images.batch(both)[0])
+        loss, correct = self._score(*emb.chunk(2), same)
+        return loss, correct, same.shape[0]
+
+    def evaluate(self) -> dict[str, tuple[float, float]]:
+        out = {}
+        for split, (first, second, same) in self.eval_tuples.items():
+            emb = embed(self.model, self.splits[split], self.autocast)
+            loss, correct = self._score(emb[first.flatten()], emb[second.flatten()], same.flatten())
+            out[split] = (loss.item(), correct.item() / same.numel())
+        return out
+
+
+class TransferNet(StagedNet):
+    """A pretrained backbone (stage `pool5`) under the ConvNet's fc head.
+
+    The backbone's BatchNorm layers (EfficientNet-Lite0 has them) always run on their ImageNet
+    statistics, also while refining: batches of 128 small images would only blur them.
+    """
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.stages["pool5"].modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+class TransferTask:
+    """Study 3: backbone -> fc1 384 -> fc2 192 -> fc3 10; the backbone is frozen before step K
+    (`refine_after`) and trains with the head from step K on.
+
+    While frozen (and the inputs are not augmented, which they never are here) each image's
+    pool5 features are computed once, and the head trains on them at head speed.
+    """
+
+    def __init__(self, cfg: Config, data: Cifar10, device: torch.device, autocast, progress: bool = True):
+        self.cfg, self.autocast = cfg, autocast
+        fmt = pick_memory_format(device, cfg.memory_format)
+        self.splits = device_splits(cfg, data, device, fmt, center=False)  # the backbone normalises
+        backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.input_size, progress=progress)
+        head = OrderedDict(  # the head's layers and init as study 1
+            fc1=fc_block(backbone.out_features, 384, cfg.dropout),
+            fc2=fc_block(384, 192, cfg.dropout),
+            logits=torch.nn.Linear(192, len(data.classes)),
+        )
+        init_weights(head.values(), cfg.init)
+        self.model = TransferNet(OrderedDict(pool5=backbone, **head)).to(device, memory_format=fmt)
+        self.backbone = backbone
+        self.decayed = decayed_weights(self.model)
+        self.shuffle = EpochShuffler(len(self.splits["train"]), cfg.batch_size, cfg.seed, device)
+        self.refining = cfg.refine_after == 0
+        backbone.requires_grad_(self.refining)
+        self.cached: dict[str, torch.Tensor] = {}
+        if not self.refining and cfg.feature_cache:
+            self.cached = {split: embed(backbone.eval(), images, autocast, progress=progress, desc=f"pool5 {split}")
+                           for split, images in self.splits.items()}
+
+    def parameters_to_unfreeze(self, step: int) -> list:
+        if self.refining or self.cfg.refine_after < 0 or step < self.cfg.refine_after:
+            return []
+        self.refining = True
+        self.cached = {}  # the backbone changes from now on
+        self.backbone.requires_grad_(True)
+        return list(self.backbone.parameters())
+
+    def _head(self, feats: torch.Tensor) -> torch.Tensor:
+        for name in ("fc1", "fc2", "logits"):
+            feats = self.model.stages[name](feats)
+        return feats
+
+    def _logits(self, split: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if split in self.cached:
+            return self._head(self.cached[split].index_select(0, index)), self.splits[split].y.index_select(0, index)
+        x, y = self.splits[split].batch(index)
+        return self.model(x), y
+
+    def train_inputs(self, step: int) -> tuple[torch.Tensor, ...]:
+        return (self.shuffle(step),)
+
+    def train_loss(self, index: torch.Tensor):
+        logits, y = self._logits("train", index)
+        loss = classifier_loss(logits, y, self.decayed, self.cfg.weight_decay)
+        return loss, (logits.argmax(1) == y).sum(), index.shape[0]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, tuple[float, float]]:
+        out = {}
+        for split, images in self.splits.items():
+            if split == "train":
+                continue
+            loss_sum, correct = 0.0, 0
+            for start in range(0, len(images), EVAL_BATCH):
+                index = torch.arange(start, min(start + EVAL_BATCH, len(images)), device=images.y.device)
+                with self.autocast():
+                    logits, y = self._logits(split, index)
+                loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+                correct += (logits.argmax(1) == y).sum().item()
+            out[split] = (loss_sum / len(images), correct / len(images))
+        return out
+
+
 def build_task(cfg: Config, device: torch.device, autocast, data: Cifar10 | None = None, progress: bool = True):
     """The task for cfg.study, loading CIFAR-10 from cfg.data unless `data` is given."""
     if data is None:
@@ -124,4 +296,8 @@ def build_task(cfg: Config, device: torch.device, autocast, data: Cifar10 | None
     torch.manual_seed(cfg.seed)  # model init depends on the seed alone
     if cfg.study == "classifier":
         return ClassifierTask(cfg, data, device, autocast)
+    if cfg.study == "siamese":
+        return SiameseTask(cfg, data, device, autocast)
+    if cfg.study == "transfer":
+        return TransferTask(cfg, data, device, autocast, progress=progress)
     raise CifarlabError(f"unknown study {cfg.study!r}")

@@ -1,0 +1,160 @@
+import ast
+import inspect
+import textwrap
+
+import pytest
+import torch
+
+from cifarlab import CifarlabError, pairs
+from cifarlab.config import Config
+from cifarlab.losses import contrastive_loss, same_class_threshold
+from cifarlab.models import siamese_branch
+from cifarlab.pairs import ClassIndex, anchor_pairs, fixed_tuples, random_pairs
+from cifarlab.train import train
+from synthetic import synthetic_cifar
+from test_train import metric_values
+
+
+def unit(*rows):
+    t = torch.tensor(rows, dtype=torch.float32)
+    return t / t.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("kind", ["report1", "report2", "hadsell"])
+def test_contrastive_losses_match_hand_computation(kind):
+    a = unit([1, 0], [1, 0], [0, 1], [1, 0])
+    b = unit([0, 1], [1, 0], [0, 1], [-1, 0])  # d^2 = 2, 0, 0, 4
+    same = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    m = 1.0
+    d2 = [2.0, 0.0, 0.0, 4.0]
+    d = [v ** 0.5 for v in d2]
+    if kind == "report1":
+        per = [d2[0] / 2, d2[1] / 2, max(m - d2[2], 0), max(m - d2[3], 0)]
+    elif kind == "report2":
+        per = [d2[0], d2[1], max(m - d2[2], 0), max(m - d2[3], 0)]
+    else:
+        per = [d2[0] / 2, d2[1] / 2, max(m - d[2], 0) ** 2 / 2, max(m - d[3], 0) ** 2 / 2]
+    loss, dist = contrastive_loss(a, b, same, m, kind)
+    assert loss.item() == pytest.approx(sum(per) / 4, abs=1e-5)
+    assert dist.tolist() == pytest.approx(d, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["report1", "report2", "hadsell"])
+def test_gradients_are_finite_at_zero_distance(kind):
+    a = torch.tensor([[0.6, 0.8]], requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    for same in (1.0, 0.0):
+        loss, _ = contrastive_loss(a, b, torch.tensor([same]), 1.0, kind)
+        ga, gb = torch.autograd.grad(loss, (a, b))
+        assert torch.isfinite(ga).all() and torch.isfinite(gb).all()
+
+
+def test_hinge_is_zero_at_and_beyond_the_margin():
+    a, b = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.0]])  # d = d^2 = 1
+    for kind in ("report1", "report2", "hadsell"):
+        assert contrastive_loss(a, b, torch.tensor([0.0]), 1.0, kind)[0].item() == 0.0
+    assert contrastive_loss(a, b, torch.tensor([0.0]), 1.5, "report2")[0].item() == pytest.approx(0.5)
+    assert same_class_threshold(1.0, "report1") == same_class_threshold(1.0, "hadsell") == 0.5
+
+
+@pytest.fixture
+def pool():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (600,), generator=gen)
+    return ClassIndex(labels)
+
+
+def test_class_index_table_is_consistent(pool):
+    for c in range(10):
+        members = pool.table[c][: pool.counts[c]]
+        assert (pool.labels[members] == c).all()
+        assert sorted(members.tolist()) == (pool.labels == c).nonzero().flatten().tolist()
+    assert (pool.table[pool.labels, pool.rank] == torch.arange(600)).all()
+
+
+def test_anchor_batches(pool):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        first, second, same = anchor_pairs(pool, 64, 0.2, gen)
+        n_same = int(0.2 * 64)
+        assert same.sum().item() == n_same and same[:n_same].eq(1).all()
+        assert (first == first[0]).all()  # one anchor repeated
+        lab1, lab2 = pool.labels[first], pool.labels[second]
+        assert (lab1[:n_same] == lab2[:n_same]).all() and (lab1[n_same:] != lab2[n_same:]).all()
+        assert len(set(second[:n_same].tolist())) == n_same  # distinct positives
+        assert first[0].item() not in second[:n_same].tolist()
+        assert ((second >= 0) & (second < 600)).all()
+
+
+def test_random_batches(pool):
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        first, second, same = random_pairs(pool, 50, 0.3, gen)
+        n_same = int(0.3 * 50)
+        assert same.sum().item() == n_same and same[:n_same].eq(1).all()
+        assert len(set(first.tolist())) == 50  # distinct anchors
+        lab1, lab2 = pool.labels[first], pool.labels[second]
+        assert (lab1[:n_same] == lab2[:n_same]).all() and (lab1[n_same:] != lab2[n_same:]).all()
+        assert (first[:n_same] != second[:n_same]).all()  # never paired with itself
+        assert ((second >= 0) & (second < 600)).all()
+
+
+def test_random_sampler_covers_classes_uniformly(pool):
+    gen = torch.Generator().manual_seed(3)
+    anchors = torch.cat([random_pairs(pool, 100, 0.2, gen)[0] for _ in range(200)])
+    share = torch.bincount(pool.labels[anchors], minlength=10).float() / len(anchors)
+    expected = pool.counts.float() / pool.counts.sum()
+    assert torch.allclose(share, expected, atol=0.02)
+
+
+def test_samplers_have_no_python_loop_over_pairs():
+    for fn in (anchor_pairs, random_pairs, ClassIndex.random_of_class, ClassIndex.random_partner,
+               ClassIndex.random_other_class):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        assert not any(isinstance(node, (ast.For, ast.While, ast.ListComp)) for node in ast.walk(tree)), fn
+
+
+def test_fixed_tuples_are_reproducible(pool):
+    one = fixed_tuples(pool, 4, 32, 0.2, seed=5)
+    two = fixed_tuples(pool, 4, 32, 0.2, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    assert one[0].shape == (4, 32)
+
+
+def test_too_small_class_is_refused():
+    with pytest.raises(CifarlabError, match="at least 2 images of every class in the pool, which has 1 of class 0"):
+        ClassIndex(torch.tensor([0, 1, 1] + list(range(2, 10)) * 2))
+
+
+def test_one_parameter_set_serves_both_branches():
+    net = siamese_branch()
+    assert "embedding" in net.layer_names and "logits" not in net.layer_names
+    x = torch.randn(4, 3, 32, 32)
+    out = net(x)
+    assert out.shape == (4, 192) and torch.allclose(out.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert sum(p.numel() for p in net.parameters()) == 1_756_426 - (192 * 10 + 10)
+
+
+def siamese_cfg(**changes):
+    base = Config.for_study("siamese", steps=60, batch_size=20, lr=1e-3, eval_every=20, checkpoint_every=30,
+                            device="cpu", tensorboard=False, init="xavier", val_tuples=5)
+    return base.replace(**changes)
+
+
+@pytest.mark.parametrize("sampler", ["anchor", "random"])
+def test_short_run_lowers_validation_loss(tmp_path, sampler):
+    run, _ = train(siamese_cfg(sampler=sampler), out=str(tmp_path / "run"), progress=False,
+                   data=synthetic_cifar(30, 10))
+    val = [(int(s), float(loss)) for s, split, loss, _ in metric_values(run.path) if split == "val"]
+    assert [s for s, _ in val] == [20, 40, 60]
+    first_eval_loss = val[0][1]
+    assert val[-1][1] < first_eval_loss
+
+
+def test_siamese_resume_equals_uninterrupted(tmp_path):
+    data = synthetic_cifar(30, 10)
+    cfg = siamese_cfg(steps=40, sampler="random", dropout=0.2)
+    full, _ = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
+    part, _ = train(cfg.replace(steps=20), out=str(tmp_path / "part"), progress=False, data=data)
+    resumed, _ = train(cfg, resume=part.path, overrides={"steps": 40}, progress=False, data=data)
+    assert metric_values(resumed.path) == metric_values(full.path)
