@@ -16,6 +16,7 @@ import pytest
 from conftest import dump_pickle, make_cifar_python, make_image_folders, make_tar, md5_of, tiny_arrays
 from PIL import Image
 
+from cifarlab import fileio
 from cifarlab import CifarlabError, data
 from cifarlab.data import (
     ARCHIVE_NAME,
@@ -253,7 +254,7 @@ class _DyingResponse(io.BytesIO):
     "error", [ConnectionResetError("reset by peer"), http.client.IncompleteRead(b""), KeyboardInterrupt()]
 )
 def test_interrupted_download_leaves_no_archive(tmp_path, monkeypatch, error):
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: _DyingResponse(error))
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", lambda url, timeout: _DyingResponse(error))
     root = tmp_path / "data"
     with pytest.raises(KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else DataError):
         download_cifar10(root, progress=False)
@@ -262,7 +263,7 @@ def test_interrupted_download_leaves_no_archive(tmp_path, monkeypatch, error):
 
 def test_download_keeps_an_archive_already_there(tmp_path, monkeypatch):
     archive, md5 = make_tar(tmp_path / "data", N)
-    monkeypatch.setattr(data.urllib.request, "urlopen", None)  # any download attempt would fail loudly
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", None)  # any download attempt would fail loudly
     assert download_cifar10(tmp_path / "data", progress=False) == archive
     assert md5_of(archive) == md5
 
@@ -286,7 +287,7 @@ def test_offline_error_names_the_three_ways(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", offline)
     root = tmp_path / "data"
     with pytest.raises(DataError) as err:
         load_cifar10(root, progress=False)
@@ -296,7 +297,7 @@ def test_offline_error_names_the_three_ways(tmp_path, monkeypatch):
 
 
 def test_no_data_and_no_download_names_the_three_ways(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.urllib.request, "urlopen", None)  # any download attempt would fail loudly
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", None)  # any download attempt would fail loudly
     with pytest.raises(DataError) as err:
         load(tmp_path / "empty")
     _assert_names_three_ways(str(err.value), tmp_path / "empty")

@@ -20,7 +20,6 @@ import struct
 import sys
 import tarfile
 import tempfile
-import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -35,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cifarlab import CifarlabError
-from cifarlab.fileio import atomic_path, write_with
+from cifarlab.fileio import atomic_path, stream_url, user_cache_root, write_with
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -84,14 +83,10 @@ class Cifar10:
 # --- where things live ------------------------------------------------------------------------
 
 
-def _user_cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarlab"
-
-
 def default_data_dir() -> Path:
     """$CIFARLAB_DATA, else the user cache folder, so the data is shared by every project."""
     env = os.environ.get("CIFARLAB_DATA")
-    return Path(env).expanduser() if env else _user_cache_root()
+    return Path(env).expanduser() if env else user_cache_root()
 
 
 def resolve_data_dir(data: str | os.PathLike | None) -> Path:
@@ -102,7 +97,7 @@ def resolve_data_dir(data: str | os.PathLike | None) -> Path:
 def _cache_dir() -> Path:
     """Decoded arrays go outside the data folder, which may be read-only or shared."""
     env = os.environ.get("CIFARLAB_CACHE")
-    return Path(env).expanduser() if env else _user_cache_root() / "decoded"
+    return Path(env).expanduser() if env else user_cache_root() / "decoded"
 
 
 def _is_batches_dir(path: Path) -> bool:
@@ -229,7 +224,7 @@ def download_cifar10(
         return archive
     try:
         with atomic_path(archive) as tmp:
-            actual = _stream(url, tmp, progress)
+            actual = stream_url(url, tmp, "md5", "download CIFAR-10", progress)
             if expected_md5 and actual != expected_md5.lower():
                 raise DataError(
                     f"the download from {url} has md5 {actual}, expected {expected_md5}; "
@@ -238,20 +233,6 @@ def download_cifar10(
     except (OSError, ValueError, http.client.HTTPException) as err:
         raise DataError(_how_to_provide(root, f"could not download {url} ({err})", url)) from None
     return archive
-
-
-def _stream(url: str, dest: Path, progress: bool) -> str:
-    """Copy `url` to `dest` with a progress bar; return the md5 of what arrived."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="download CIFAR-10", disable=not progress)
-        with bar:
-            while block := response.read(1 << 20):
-                out.write(block)
-                digest.update(block)
-                bar.update(len(block))
-    return digest.hexdigest()
 
 
 def _extract(archive: Path) -> Path:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -49,3 +51,26 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
     """Call writer(tmp_path) (e.g. np.savez, torch.save, fig.savefig) and publish atomically."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def user_cache_root() -> Path:
+    """The per-user cache folder ($XDG_CACHE_HOME/cifarlab or ~/.cache/cifarlab), shared by every project."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarlab"
+
+
+def stream_url(url: str, dest: Path, hash_name: str, desc: str, progress: bool) -> str:
+    """Copy `url` to `dest` with a progress bar; return the hex digest (`hash_name`) of what arrived.
+
+    Callers pass a temporary `dest` from atomic_path and check the digest before it is renamed.
+    """
+    from tqdm import tqdm
+
+    digest = hashlib.new(hash_name)
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+            while block := response.read(1 << 20):
+                out.write(block)
+                digest.update(block)
+                bar.update(len(block))
+    return digest.hexdigest()

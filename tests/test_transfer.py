@@ -1,0 +1,90 @@
+"""Study 3: the frozen-then-refined backbone under the ConvNet head (random Lite0 keeps it fast)."""
+
+import pytest
+import torch
+
+from cifarlab.config import Config
+from cifarlab.engine import make_autocast
+from cifarlab.studies import TransferTask
+from cifarlab.train import train
+from synthetic import synthetic_cifar
+from test_train import metric_values
+
+CPU = torch.device("cpu")
+
+
+def transfer_cfg(**changes):
+    base = Config.for_study("transfer", steps=10, batch_size=16, lr=1e-3, eval_every=5, checkpoint_every=5,
+                            device="cpu", tensorboard=False, backbone="efficientnet-lite0",
+                            backbone_weights="none", init="xavier")
+    return base.replace(**changes)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_cifar(6, 3)
+
+
+def backbone_state(run_path, step):
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run_path / "checkpoints" / f"step-{step}.safetensors"))
+    return {k: v for k, v in weights.items() if k.startswith("stages.pool5.body.")}
+
+
+def test_backbone_frozen_before_k_and_all_parameters_train_after(tmp_path, data):
+    cfg = transfer_cfg(refine_after=5)
+    torch.manual_seed(cfg.seed)  # as build_task does: the same random backbone as the run's
+    start = TransferTask(cfg, data, CPU, make_autocast("fp32", CPU), progress=False)
+    initial = {f"stages.{k}": v.clone() for k, v in start.model.stages.named_parameters() if k.startswith("pool5.body.")}
+    run, _ = train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
+    at_k, at_end = backbone_state(run.path, 5), backbone_state(run.path, 10)
+    for name, value in initial.items():
+        assert torch.equal(at_k[name], value), f"{name} changed before step K"
+        assert not torch.equal(at_end[name], at_k[name]), f"{name} did not train after step K"
+
+
+def test_no_gradient_reaches_the_frozen_backbone(data):
+    task = TransferTask(transfer_cfg(refine_after=3, feature_cache=False), data, CPU, make_autocast("fp32", CPU),
+                        progress=False)
+    loss, _, _ = task.train_loss(task.train_inputs(0)[0])
+    loss.backward()
+    assert all(p.grad is None for p in task.backbone.parameters())
+    assert task.model.stages["fc1"].linear.weight.grad is not None
+    assert task.parameters_to_unfreeze(2) == []
+    assert len(task.parameters_to_unfreeze(3)) == len(list(task.backbone.parameters()))
+
+
+def test_feature_cache_gives_the_uncached_head_outputs(tmp_path, data):
+    autocast = make_autocast("fp32", CPU)
+    torch.manual_seed(0)
+    cached = TransferTask(transfer_cfg(), data, CPU, autocast, progress=False)
+    torch.manual_seed(0)
+    direct = TransferTask(transfer_cfg(feature_cache=False), data, CPU, autocast, progress=False)
+    assert cached.cached and not direct.cached
+    index = torch.arange(10)
+    for task in (cached, direct):
+        task.model.eval()
+    with torch.no_grad():
+        a, ya = cached._logits("test", index)
+        b, yb = direct._logits("test", index)
+    assert torch.equal(ya, yb) and torch.allclose(a, b, atol=1e-5)
+    one, _ = train(transfer_cfg(), out=str(tmp_path / "cached"), progress=False, data=data)
+    two, _ = train(transfer_cfg(feature_cache=False), out=str(tmp_path / "direct"), progress=False, data=data)
+    for r1, r2 in zip(metric_values(one.path), metric_values(two.path)):
+        assert r1[:2] == r2[:2] and float(r1[2]) == pytest.approx(float(r2[2]), rel=1e-4)
+
+
+def test_transfer_resume_across_k_equals_uninterrupted(tmp_path, data):
+    cfg = transfer_cfg(refine_after=4)
+    full, _ = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
+    part, _ = train(cfg.replace(steps=5), out=str(tmp_path / "part"), progress=False, data=data)
+    resumed, _ = train(cfg, resume=part.path, overrides={"steps": 10}, progress=False, data=data)
+    assert metric_values(resumed.path) == metric_values(full.path)
+
+
+def test_features_offer_pool5_and_the_head(data):
+    task = TransferTask(transfer_cfg(), data, CPU, make_autocast("fp32", CPU), progress=False)
+    assert task.model.layer_names == ("pool5", "fc1", "fc2", "logits")
+    feats = task.model.eval().features(task.splits["test"].batch(torch.arange(3))[0], ["pool5", "fc2"])
+    assert feats["pool5"].shape == (3, 1280) and feats["fc2"].shape == (3, 192)
