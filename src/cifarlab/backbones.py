@@ -344,9 +344,14 @@ class Conv2dSame(nn.Conv2d):
     TensorFlow; PyTorch's symmetric padding would shift every stride-2 window by one pixel."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1):
-        super().__init__(in_channels, out_channels, kernel, stride, padding=0, groups=groups, bias=False)
+        # At stride 1 an odd kernel's SAME padding is symmetric: let the convolution pad (no copy).
+        self.symmetric = stride == 1 and kernel % 2 == 1
+        padding = kernel // 2 if self.symmetric else 0
+        super().__init__(in_channels, out_channels, kernel, stride, padding=padding, groups=groups, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.symmetric:
+            return super().forward(x)
         pads = []
         for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)

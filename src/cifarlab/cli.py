@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -34,56 +35,162 @@ def data(
     print(describe(load_cifar10(data, download=download)))
 
 
-@train_app.command("classifier")
-def train_classifier(
-    steps: Annotated[Optional[int], typer.Option(help="Training steps (Adam updates). [default: 15000]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step. [default: 128]")] = None,
+def _shared_train_flags(
+    steps: Annotated[Optional[int], typer.Option(
+        help="Training steps (Adam updates). [default: 15000; siamese 50000]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images (or pairs) per step. [default: 128]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate. [default: 1e-4]")] = None,
     eval_every: Annotated[Optional[int], typer.Option(
-        help="Evaluate on the full test set (and log the running train mean) every N steps. [default: 1000]")] = None,
+        help="Evaluate (full test set) and log the running train mean every N steps. [default: 1000]")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(
         help="Save weights + resume state every N steps (and at the end). [default: 5000]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of init, shuffling and dropout. [default: 42]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of init, shuffling, pairs and dropout. [default: 42]")] = None,
     dropout: Annotated[Optional[float], typer.Option(
         help="Drop probability after fc1 and fc2 while training (the report's 'dropout 0.2' keeps 80%). [default: 0]")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(
-        help="Adds WD * sum(W^2)/2 over the fc1 and fc2 weights to the loss (tf.nn.l2_loss, as the seed). [default: 0]")] = None,
     init: Annotated[Optional[str], typer.Option(help="Weight init: normal (N(0, 0.001), the seed's) or xavier.")] = None,
     val_fraction: Annotated[Optional[float], typer.Option(
-        help="Hold out the last fraction of train as a validation split, evaluated beside test. [default: 0]")] = None,
+        help="Hold out the last fraction of train as a validation split. [default: 0; siamese 0.2]")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32, or bf16 (autocast; for GPUs). [default: fp32]")] = None,
     memory_format: Annotated[Optional[str], typer.Option(
-        help="auto (channels_last on CUDA, NCHW on CPU), channels_last or contiguous.")] = None,
+        help="auto (= channels_last, measured faster on CPU and GPU), channels_last or contiguous.")] = None,
     cuda_graph: Annotated[Optional[bool], typer.Option(
         "--cuda-graph/--no-cuda-graph", help="On CUDA, replay the whole step as one CUDA graph. [default: on]")] = None,
     tensorboard: Annotated[Optional[bool], typer.Option(
         "--tensorboard/--no-tensorboard", help="Write TensorBoard events to RUN/tb. [default: on]")] = None,
     data: DataOpt = None,
-    out: Annotated[Optional[str], typer.Option(help="Run directory. [default: runs/classifier-<time>]")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        help="Start from a named preset (`cifarlab presets`); flags given here override it.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run directory. [default: runs/<study>-<time>]")] = None,
     resume: Annotated[Optional[Path], typer.Option(
         help="Continue this run from its checkpoints/last.pt (its config.toml is used; flags given here override it).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Train the report's ConvNet (study 1) and write a run directory: config, metrics, summary,
-    TensorBoard events, checkpoints and plots/curves.png."""
+    """The flags every study's train command takes (see study_command)."""
+
+
+_RUN_FLAGS = ("preset", "out", "resume", "quiet")
+
+
+def study_command(study: str):
+    """Register a train command for `study`: its own flags (the decorated function's parameters)
+    plus the shared ones. Every flag but --preset/--out/--resume/--quiet is a Config field."""
+
+    def decorate(fn):
+        own = inspect.signature(fn, eval_str=True).parameters
+        shared = inspect.signature(_shared_train_flags, eval_str=True).parameters
+
+        def command(**flags):
+            run_flags = {name: flags.pop(name) for name in _RUN_FLAGS}
+            if flags.get("data") is not None:
+                flags["data"] = str(flags["data"])
+            _train(study, {k: v for k, v in flags.items() if v is not None}, **run_flags)
+
+        command.__signature__ = inspect.Signature([*own.values(), *shared.values()])
+        command.__doc__, command.__name__ = fn.__doc__, fn.__name__
+        return train_app.command(study)(command)
+
+    return decorate
+
+
+def _train(study: str | None, flags: dict, preset: str | None, out: str | None, resume: Path | None,
+           quiet: bool) -> None:
     from cifarlab.config import Config
+    from cifarlab.presets import load_preset
     from cifarlab.train import train
 
-    given = {k: v for k, v in dict(
-        steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, checkpoint_every=checkpoint_every,
-        seed=seed, dropout=dropout, weight_decay=weight_decay, init=init, val_fraction=val_fraction,
-        device=device, precision=precision, memory_format=memory_format, cuda_graph=cuda_graph,
-        tensorboard=tensorboard, data=str(data) if data is not None else None,
-    ).items() if v is not None}
     if resume is not None:
-        if out is not None:
-            raise CifarlabError("--out and --resume do not go together: a resumed run stays in its own directory")
-        run, summary = train(Config(), resume=resume, overrides=given, progress=not quiet)
+        if out is not None or preset is not None:
+            raise CifarlabError("--resume continues a run as it was configured: drop --out and --preset")
+        run, summary = train(Config(), resume=resume, overrides=flags, progress=not quiet)
     else:
-        cfg = Config(study="classifier").replace(**given)
-        run, summary = train(cfg, out=out, progress=not quiet)
+        if preset is not None:
+            chosen = load_preset(preset)
+            if study is not None and chosen.study != study:
+                raise CifarlabError(f"preset {preset} is a {chosen.study} run; use `cifarlab train {chosen.study}`")
+            cfg = chosen.config(**flags)
+        else:
+            cfg = Config.for_study(study, **flags)
+        run, summary = train(cfg, out=out or (f"runs/{preset}-{_stamp()}" if preset else None), progress=not quiet)
     _print_run_result(run, summary)
+
+
+def _stamp() -> str:
+    import datetime as dt
+
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+@train_app.callback(invoke_without_command=True)
+def train_group(
+    ctx: typer.Context,
+    preset: Annotated[Optional[str], typer.Option(help="Train this preset as it is (`cifarlab presets`).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run directory. [default: runs/<preset>-<time>]")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train one run of a study: `cifarlab train classifier|siamese [flags]` or `cifarlab train --preset NAME`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if preset is None:
+        print(ctx.get_help())
+        raise typer.Exit(0)
+    _train(None, {}, preset=preset, out=out, resume=None, quiet=quiet)
+
+
+@study_command("classifier")
+def train_classifier(
+    weight_decay: Annotated[Optional[float], typer.Option(
+        help="Adds WD * sum(W^2)/2 over the fc1 and fc2 weights to the loss (tf.nn.l2_loss, as the seed). [default: 0]")] = None,
+):
+    """Train the report's ConvNet (study 1) into a run directory: config, metrics, summary,
+    TensorBoard events, checkpoints and plots/curves.png."""
+
+
+@study_command("siamese")
+def train_siamese(
+    loss: Annotated[Optional[str], typer.Option(
+        help="report1: Y d²/2 + (1-Y) max(m-d², 0); report2: Y d² + (1-Y) max(m-d², 0); "
+        "hadsell: Y d²/2 + (1-Y) max(m-d, 0)²/2. [default: report1]")] = None,
+    margin: Annotated[Optional[float], typer.Option(help="Contrastive margin m. [default: 1.0]")] = None,
+    sampler: Annotated[Optional[str], typer.Option(
+        help="anchor: one anchor per batch (the report's default); random: random anchors (its alternative). [default: anchor]")] = None,
+    fraction_same: Annotated[Optional[float], typer.Option(help="Share of same-class pairs per batch. [default: 0.2]")] = None,
+    val_tuples: Annotated[Optional[int], typer.Option(
+        help="Fixed anchor-form batches drawn once from the held-out 20% (and from test) for the logged loss. [default: 500]")] = None,
+):
+    """Train the Siamese ConvNet (study 2): a shared branch to an L2-normalised 192-d embedding,
+    contrastive loss, pair sampler; logs train/val/test loss and same-class-rule accuracy."""
+
+
+@study_command("transfer")
+def train_transfer(
+    backbone: Annotated[Optional[str], typer.Option(help="vgg16 or efficientnet-lite0. [default: vgg16]")] = None,
+    backbone_weights: Annotated[Optional[str], typer.Option(
+        help="imagenet (torchvision's VGG-16 file, downloaded and hash-checked; Lite0's ships in "
+        "cifarlab[lite0]), a weights file (.pth or the seed's vgg16_weights.npz), or none (random). [default: imagenet]")] = None,
+    refine_after: Annotated[Optional[int], typer.Option(
+        help="K: train only the head before step K, everything from K on; 0 = refine from the start, "
+        "-1 = never (feature extraction). [default: -1]")] = None,
+    input_size: Annotated[Optional[int], typer.Option(
+        help="Upsample images to this size on the device (a multiple of 32). [default: 32, as the seed]")] = None,
+    feature_cache: Annotated[Optional[bool], typer.Option(
+        "--feature-cache/--no-feature-cache",
+        help="While the backbone is frozen, compute each image's pool5 features once. [default: on]")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(
+        help="Adds WD * sum(W^2)/2 over the fc1 and fc2 weights to the loss. [default: 0]")] = None,
+):
+    """Train a pretrained backbone (to pool5) under the ConvNet's fc head (study 3): feature
+    extraction, then refining the whole network from step K on."""
+
+
+@app.command()
+def presets() -> None:
+    """List the named presets: the report's runs, with the number the seed reported for each."""
+    from cifarlab.presets import all_presets
+
+    for p in all_presets():
+        seed = f"{p.seed_value:.4f}" if p.seed_value is not None else "  -   "
+        print(f"{p.name:<28} {p.study:<11} seed {seed}  {p.reproduces}")
 
 
 def _print_run_result(run, summary: dict) -> None:
@@ -145,6 +252,93 @@ def plot(
             raise CifarlabError(f"{path}: no metrics.csv rows yet; train it first")
         series.append((name, rundir.metrics))
     print(plot_curves(series, out, title=title))
+
+
+RunArg = Annotated[Path, typer.Argument(help="A run directory.")]
+CheckpointOpt = Annotated[Optional[int], typer.Option(
+    help="Step of the checkpoint whose features to use. [default: latest]")]
+AnalysisDeviceOpt = Annotated[Optional[str], typer.Option(
+    help="Where to extract features: auto, cpu or cuda. [default: the run's]")]
+LayerOpt = Annotated[Optional[str], typer.Option(
+    help="A layer name (e.g. fc2), several comma-separated, or 'all' (every layer but logits). "
+    "[default: the deepest layer before logits]")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+@app.command()
+def features(
+    run: RunArg,
+    layers: Annotated[Optional[str], typer.Option(
+        help="Comma-separated layer names. [default: every layer but logits, e.g. flatten,fc1,fc2]")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    checkpoint: CheckpointOpt = None,
+    data: DataOpt = None,
+    device: AnalysisDeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Extract a checkpoint's features on one split into RUN/features/<split>.npz
+    (labels plus one float32 array per layer). tsne and ovr do this on demand."""
+    from cifarlab.analysis import extract_features, read_meta
+
+    path = extract_features(run, layers, split, checkpoint, data=data, device=device, progress=not quiet)
+    meta = read_meta(path)
+    print(f"features of {split} ({meta['images']} images) from checkpoint step {meta['checkpoint']}: {path}")
+    for name, dims in meta["dims"].items():
+        print(f"  {name:<12} {dims:>6}-d")
+
+
+@app.command()
+def tsne(
+    run: RunArg,
+    layer: LayerOpt = None,
+    perplexity: Annotated[float, typer.Option(help="t-SNE perplexity (the report's: 40).")] = 40.0,
+    max_points: Annotated[int, typer.Option(help="Embed a random subset of at most this many points.")] = 10000,
+    seed: Annotated[int, typer.Option(help="Seed of the subset, PCA and t-SNE.")] = 0,
+    split: Annotated[str, typer.Option(help="Features of train, val or test.")] = "test",
+    checkpoint: CheckpointOpt = None,
+    data: DataOpt = None,
+    device: AnalysisDeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """t-SNE of a layer's features in 2-D, coloured by class (the report's Figure 7): writes
+    RUN/plots/tsne-<layer>.png and the coordinates in RUN/analysis/tsne-<layer>.npz; with
+    --layer all also RUN/plots/tsne-all.png, the layers side by side."""
+    from cifarlab.analysis import run_tsne
+
+    out = run_tsne(run, layer, perplexity=perplexity, max_points=max_points, seed=seed, split=split,
+                   checkpoint=checkpoint, data=data, device=device, progress=not quiet)
+    print(f"t-SNE of {out['points']} {split} points, checkpoint step {out['checkpoint']}, perplexity {perplexity:g}")
+    for name, res in out["layers"].items():
+        print(f"  {name:<12} {res['seconds']:6.1f} s  {res['png']}  {res['coords']}")
+    if out["combined"] is not None:
+        print(f"  side by side        {out['combined']}")
+
+
+@app.command()
+def ovr(
+    run: RunArg,
+    layer: LayerOpt = None,
+    protocol: Annotated[str, typer.Option(
+        help="seed: the report's (test features shuffled once, 80% fit, 20% scored); "
+        "split: fit on train features, score on all test features.")] = "seed",
+    classifier: Annotated[str, typer.Option(
+        help="linear-svm (liblinear one-vs-rest, fast), svc-linear (the report's "
+        "OneVsRestClassifier(SVC(kernel='linear')), slow) or logistic.")] = "linear-svm",
+    seed: Annotated[int, typer.Option(help="Seed of the seed protocol's shuffle.")] = 0,
+    checkpoint: CheckpointOpt = None,
+    data: DataOpt = None,
+    device: AnalysisDeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score one-vs-rest linear classifiers on standardised features (the report's 1.4.1): prints
+    a table, writes RUN/analysis/ovr-<layer>.json and RUN/plots/confusion-<layer>.png."""
+    from cifarlab.analysis import format_ovr_table, run_ovr
+
+    rows = run_ovr(run, layer, protocol=protocol, classifier=classifier, seed=seed, checkpoint=checkpoint,
+                   data=data, device=device, progress=not quiet)
+    print(format_ovr_table(rows))
+    for row in rows:
+        print(f"  {row['layer']:<12} {row['json']}  {row['png']}")
 
 
 def main() -> None:

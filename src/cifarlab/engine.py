@@ -321,7 +321,8 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
         wall = self._wall()
-        return self.run.write_summary(self.cfg, wall, wall - self.clock["eval"], self.device)
+        extra = self.task.summary() if hasattr(self.task, "summary") else None
+        return self.run.write_summary(self.cfg, wall, wall - self.clock["eval"], self.device, extra)
 
 
 def _postfix(results: dict[str, tuple[float, float]]) -> dict[str, str]:

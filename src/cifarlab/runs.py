@@ -189,7 +189,8 @@ class RunDir:
         return f"The last good checkpoint is {self.checkpoints / f'step-{steps[-1]}.safetensors'}."
 
     # -- summary -------------------------------------------------------------------------------
-    def write_summary(self, cfg: Config, wall_seconds: float, train_seconds: float, device: torch.device) -> dict:
+    def write_summary(self, cfg: Config, wall_seconds: float, train_seconds: float, device: torch.device,
+                      extra: dict | None = None) -> dict:
         tests = [r for r in self.metrics if r["split"] == "test"]
         best = max(tests, key=lambda r: r["accuracy"]) if tests else None
         final = tests[-1] if tests else None
@@ -206,6 +207,7 @@ class RunDir:
             "device": device_name(device),
             "torch_version": torch.__version__,
             "cifarlab_version": __version__,
+            **(extra or {}),
         }
         write_json(self.path / "summary.json", summary)
         return summary

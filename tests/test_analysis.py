@@ -1,0 +1,231 @@
+"""Feature analysis: extraction, t-SNE and one-vs-rest classifiers on a tiny trained run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cifarlab import CifarlabError
+from cifarlab import analysis as A
+from cifarlab.cli import app
+from cifarlab.config import Config
+from cifarlab.data import load_cifar10
+from cifarlab.runs import RunDir
+from cifarlab.studies import build_task
+from cifarlab.train import train
+from conftest import make_image_folders
+
+LAYERS = {"flatten": 4096, "fc1": 384, "fc2": 192}
+N_TEST = 200  # 20 images per class
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step run on tiny image folders (checkpoints at steps 2 and 4) and its data."""
+    root = tmp_path_factory.mktemp("analysis")
+    folder = make_image_folders(root / "data", 20)
+    data = load_cifar10(folder, cache=False, progress=False)
+    cfg = Config(steps=4, batch_size=20, lr=1e-3, eval_every=4, checkpoint_every=2, init="xavier",
+                 device="cpu", tensorboard=False, data=str(folder))
+    run, _ = train(cfg, out=str(root / "run"), progress=False, data=data)
+    return run.path, data
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A private copy of the trained run, so that each test writes its own features."""
+    path, data = trained
+    shutil.copytree(path, tmp_path / "run")
+    return tmp_path / "run", data
+
+
+def test_features_have_one_float32_array_per_analysable_layer(run_copy):
+    path, data = run_copy
+    feats = A.load_features(path, data=data, progress=False)
+    assert list(feats.layers) == list(LAYERS)  # logits is left out by default
+    for name, dims in LAYERS.items():
+        assert feats.layers[name].shape == (N_TEST, dims) and feats.layers[name].dtype == np.float32
+    assert np.array_equal(feats.labels, data.test_labels)
+    assert feats.checkpoint == 4 and feats.classes == data.classes
+    with np.load(path / "features" / "test.npz") as z:
+        assert sorted(z.files) == sorted(["labels", "meta", *LAYERS])
+    logits = A.load_features(path, "logits", data=data, progress=False)
+    assert list(logits.layers) == ["logits"] and logits.layers["logits"].shape == (N_TEST, 10)
+
+
+def test_extraction_equals_the_models_own_forward_pass(run_copy):
+    path, data = run_copy
+    feats = A.load_features(path, "flatten,fc1,fc2,logits", data=data, progress=False)
+    run = RunDir.open(path)
+    task = build_task(run.config(), torch.device("cpu"), nullcontext, data=data, progress=False)
+    model = task.model
+    run.load_weights(model, 4)
+    model.eval()
+    seen = {}
+    for name, stage in model.stages.items():
+        stage.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, out.clone()))
+    x, y = task.splits["test"].batch(torch.tensor([0, 1, 2, 77, 199]))
+    with torch.no_grad():
+        logits = model(x)
+    rows = [0, 1, 2, 77, 199]
+    assert np.array_equal(feats.labels[rows], y.numpy())
+    for name in LAYERS:
+        np.testing.assert_allclose(feats.layers[name][rows], seen[name].flatten(1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(feats.layers["logits"][rows], logits.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_features_follow_the_requested_checkpoint(run_copy):
+    path, data = run_copy
+    npz = path / "features" / "test.npz"
+    assert A.load_features(path, "fc2", checkpoint=2, data=data, progress=False).checkpoint == 2
+    old = A.load_features(path, "fc2", checkpoint=2, data=data, progress=False).layers["fc2"]
+    latest = A.load_features(path, "fc2", data=data, progress=False)  # latest checkpoint: extracted again
+    assert latest.checkpoint == 4 and not np.array_equal(old, latest.layers["fc2"])
+    stamp = npz.stat().st_mtime_ns
+    A.load_features(path, "fc2", data=data, progress=False)
+    assert npz.stat().st_mtime_ns == stamp, "fresh features were extracted again"
+    A.load_features(path, "fc1", data=data, progress=False)  # a missing layer extends the file
+    assert set(A.read_meta(npz)["layers"]) == {"fc1", "fc2"}
+    ckpt = path / "checkpoints" / "step-4.safetensors"
+    before = ckpt.stat().st_mtime_ns - 10**9
+    os.utime(npz, ns=(before, before))  # the checkpoint is newer than the features (rewritten by a resume)
+    A.load_features(path, "fc2", data=data, progress=False)
+    assert npz.stat().st_mtime_ns > ckpt.stat().st_mtime_ns, "features older than their checkpoint were kept"
+
+
+def _blobs(n_per_class, dims, spread, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 10, size=(10, dims))
+    y = np.repeat(np.arange(10), n_per_class)
+    return centres[y] + rng.normal(0, spread, size=(len(y), dims)), y
+
+
+@pytest.mark.parametrize("classifier", A.CLASSIFIERS)
+def test_ovr_scores_near_one_on_separable_features(classifier):
+    x, y = _blobs(60, 24, 1.0, seed=0)
+    fit, score = A.seed_protocol_split(len(y), seed=0)
+    res = A.fit_score(x[fit], y[fit], x[score], y[score], classifier, n_jobs=1)
+    assert res["accuracy"] >= 0.99 and res["n_fit"] == 480 and res["n_score"] == 120
+    assert np.array(res["confusion"]).sum() == 120 and min(res["per_class_accuracy"]) >= 0.9
+
+
+@pytest.mark.parametrize("classifier", ["linear-svm", "logistic"])
+def test_ovr_scores_near_chance_on_random_labels(classifier):
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(2500, 32)), rng.integers(0, 10, 2500)
+    fit, score = A.seed_protocol_split(len(y), seed=0)
+    assert abs(A.fit_score(x[fit], y[fit], x[score], y[score], classifier, n_jobs=1)["accuracy"] - 0.1) < 0.05
+
+
+def test_seed_protocol_split_is_deterministic_and_class_balanced():
+    labels = np.repeat(np.arange(10), 1000)  # sorted by class, as image-folder data is
+    fit, score = A.seed_protocol_split(len(labels), seed=3)
+    again_fit, again_score = A.seed_protocol_split(len(labels), seed=3)
+    assert np.array_equal(fit, again_fit) and np.array_equal(score, again_score)
+    assert len(fit) == 8000 and len(score) == 2000
+    assert np.array_equal(np.sort(np.concatenate([fit, score])), np.arange(10000))
+    assert not np.array_equal(score, A.seed_protocol_split(len(labels), seed=4)[1])
+    counts = np.array([np.bincount(labels[A.seed_protocol_split(10000, seed)[1]], minlength=10)
+                       for seed in range(40)])
+    assert counts.min() > 140 and counts.max() < 260  # every class is scored, never a whole one left out
+    np.testing.assert_allclose(counts.mean(axis=0), 200, atol=6)  # balanced in expectation
+
+
+def test_ovr_writes_json_table_and_confusion_for_both_protocols(run_copy):
+    path, data = run_copy
+    seed_rows = A.run_ovr(path, "all", protocol="seed", data=data, progress=False)
+    split_rows = A.run_ovr(path, "fc2", protocol="split", data=data, progress=False)
+    assert [r["layer"] for r in seed_rows] == list(LAYERS) and [r["layer"] for r in split_rows] == ["fc2"]
+    assert seed_rows[0]["n_fit"] == 160 and seed_rows[0]["n_score"] == 40
+    assert split_rows[0]["n_fit"] == 200 and split_rows[0]["n_score"] == N_TEST
+    record = json.loads((path / "analysis" / "ovr-fc2.json").read_text())
+    assert set(record["results"]) == {"seed/linear-svm", "split/linear-svm"}
+    result = record["results"]["split/linear-svm"]
+    assert 0 <= result["accuracy"] <= 1 and list(result["per_class_accuracy"]) == list(data.classes)
+    assert np.array(result["confusion"]).shape == (10, 10) and np.array(result["confusion"]).sum() == N_TEST
+    assert result["checkpoint"] == 4 and result["fit_seconds"] >= 0
+    assert (path / "features" / "train.npz").is_file()
+    for name in LAYERS:
+        assert (path / "plots" / f"confusion-{name}.png").stat().st_size > 10_000
+    table = A.format_ovr_table(seed_rows + split_rows)
+    assert table.splitlines()[0].split()[:5] == ["layer", "dims", "protocol", "classifier", "accuracy"]
+    assert len(table.splitlines()) >= 5
+
+
+def test_tsne_writes_pictures_and_coordinates(run_copy):
+    path, data = run_copy
+    out = A.run_tsne(path, "all", perplexity=15, max_points=150, seed=0, data=data, progress=False)
+    assert list(out["layers"]) == list(LAYERS) and out["points"] == 150
+    for name in LAYERS:
+        with np.load(path / "analysis" / f"tsne-{name}.npz") as z:
+            coords, labels, rows = z["coords"], z["labels"], z["rows"]
+            meta = json.loads(str(z["meta"]))
+        assert coords.shape == (150, 2) and np.isfinite(coords).all()
+        assert len(np.unique(rows)) == 150 and np.array_equal(labels, data.test_labels[rows])
+        assert meta["perplexity"] == 15 and meta["input_dims"] == LAYERS[name]
+        assert (path / "plots" / f"tsne-{name}.png").stat().st_size > 10_000
+    assert out["combined"] == path / "plots" / "tsne-all.png" and out["combined"].stat().st_size > 20_000
+    assert not list(path.rglob(".tmp-*")), "temporary files left behind"
+
+
+def test_unknown_layer_lists_the_layers_of_the_run(run_copy):
+    path, data = run_copy
+    with pytest.raises(CifarlabError, match="unknown layer conv9; this run has: flatten, fc1, fc2, logits"):
+        A.load_features(path, "fc2,conv9", data=data, progress=False)  # no features file yet
+    A.load_features(path, "fc2", data=data, progress=False)
+    with pytest.raises(CifarlabError, match="unknown layer pool5; this run has: flatten, fc1, fc2, logits"):
+        A.run_ovr(path, "pool5", data=data, progress=False)  # checked against the file's record
+
+
+def test_missing_checkpoint_split_and_bad_choices_are_clear(run_copy, tmp_path):
+    path, data = run_copy
+    empty = RunDir.create(str(tmp_path / "empty"), "classifier")
+    empty.write_config(Config(device="cpu"))
+    with pytest.raises(CifarlabError, match="no checkpoint yet.*train first"):
+        A.run_tsne(empty.path, "fc2", data=data, progress=False)
+    with pytest.raises(CifarlabError, match="no checkpoint at step 7; available: 2, 4"):
+        A.extract_features(path, checkpoint=7, data=data, progress=False)
+    with pytest.raises(CifarlabError, match="no val split.*--val-fraction"):
+        A.extract_features(path, split="val", data=data, progress=False)
+    with pytest.raises(CifarlabError, match="unknown protocol 'loo'; choose one of seed, split"):
+        A.run_ovr(path, protocol="loo", data=data)
+    with pytest.raises(CifarlabError, match="unknown classifier 'knn'"):
+        A.run_ovr(path, classifier="knn", data=data)
+
+
+def test_default_layers_follow_the_network_not_the_convnet():
+    names = ("stem", "pool5", "embedding")  # e.g. a Siamese network without logits
+    assert A.select_layers(None, names) == list(names)
+    assert A.select_layers("last", names) == ["embedding"]
+    assert A.select_layers("embedding,stem", names) == ["stem", "embedding"]
+    assert A.select_layers("all", ("flatten", "fc1", "fc2", "logits")) == ["flatten", "fc1", "fc2"]
+
+
+def test_cli_features_ovr_and_tsne(run_copy):
+    path, _ = run_copy  # the commands read the run's image folders themselves
+    runner = CliRunner()
+    res = runner.invoke(app, ["features", str(path), "--layers", "fc1,fc2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "checkpoint step 4" in res.output and "fc1" in res.output and "192-d" in res.output
+    res = runner.invoke(app, ["ovr", str(path), "--quiet"])  # default: the deepest layer, fc2
+    assert res.exit_code == 0, res.output
+    assert "fc2  " in res.output and "seed" in res.output and "linear-svm" in res.output
+    res = runner.invoke(app, ["tsne", str(path), "--layer", "fc2", "--perplexity", "10", "--max-points", "100",
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (path / "plots" / "tsne-fc2.png").is_file() and not (path / "plots" / "tsne-all.png").exists()
+
+
+def test_cli_errors_are_one_line(run_copy):
+    path, _ = run_copy
+    res = subprocess.run([sys.executable, "-m", "cifarlab", "ovr", str(path), "--layer", "fc7", "--quiet"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
+    assert res.stderr.startswith("error: unknown layer fc7; this run has: flatten, fc1, fc2, logits")
