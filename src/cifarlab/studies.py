@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
 
@@ -94,16 +95,18 @@ def device_splits(cfg: Config, data: Cifar10, device: torch.device, fmt,
 
 
 @torch.no_grad()
-def evaluate_classifier(model, images: DeviceImages, autocast) -> tuple[float, float]:
-    """Mean cross-entropy (without the L2 term) and accuracy over a whole split."""
-    loss_sum = torch.zeros((), device=images.y.device)
-    correct = torch.zeros((), device=images.y.device, dtype=torch.long)
-    for x, y in images.slices():
+def evaluate_classifier(logits_of, n: int, device: torch.device, autocast) -> tuple[float, float]:
+    """Mean cross-entropy (without the L2 term) and accuracy over a split of n images, where
+    logits_of(index) gives a batch's (logits, labels)."""
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for start in range(0, n, EVAL_BATCH):
+        index = torch.arange(start, min(start + EVAL_BATCH, n), device=device)
         with autocast():
-            logits = model(x)
+            logits, y = logits_of(index)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
-    return loss_sum.item() / len(images), correct.item() / len(images)
+    return loss_sum.item() / n, correct.item() / n
 
 
 class ClassifierTask:
@@ -117,17 +120,21 @@ class ClassifierTask:
         self.decayed = decayed_weights(self.model)
         self.shuffle = EpochShuffler(len(self.splits["train"]), cfg.batch_size, cfg.seed, device)
 
+    def _logits(self, split: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.splits[split].batch(index)
+        return self.model(x), y
+
     def train_inputs(self, step: int) -> tuple[torch.Tensor, ...]:
         return (self.shuffle(step),)
 
     def train_loss(self, index: torch.Tensor):
-        x, y = self.splits["train"].batch(index)
-        logits = self.model(x)
+        logits, y = self._logits("train", index)
         loss = classifier_loss(logits, y, self.decayed, self.cfg.weight_decay)
         return loss, (logits.argmax(1) == y).sum(), index.shape[0]
 
     def evaluate(self) -> dict[str, tuple[float, float]]:
-        return {split: evaluate_classifier(self.model, images, self.autocast)
+        return {split: evaluate_classifier(functools.partial(self._logits, split), len(images), images.y.device,
+                                           self.autocast)
                 for split, images in self.splits.items() if split != "train"}
 
 
@@ -215,7 +222,7 @@ class TransferNet(StagedNet):
         return self
 
 
-class TransferTask:
+class TransferTask(ClassifierTask):
     """Study 3: backbone -> fc1 384 -> fc2 192 -> fc3 10; the backbone is frozen before step K
     (`refine_after`) and trains with the head from step K on.
 
@@ -268,32 +275,7 @@ class TransferTask:
     def _logits(self, split: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if split in self.cached:
             return self._head(self.cached[split].index_select(0, index)), self.splits[split].y.index_select(0, index)
-        x, y = self.splits[split].batch(index)
-        return self.model(x), y
-
-    def train_inputs(self, step: int) -> tuple[torch.Tensor, ...]:
-        return (self.shuffle(step),)
-
-    def train_loss(self, index: torch.Tensor):
-        logits, y = self._logits("train", index)
-        loss = classifier_loss(logits, y, self.decayed, self.cfg.weight_decay)
-        return loss, (logits.argmax(1) == y).sum(), index.shape[0]
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, tuple[float, float]]:
-        out = {}
-        for split, images in self.splits.items():
-            if split == "train":
-                continue
-            loss_sum, correct = 0.0, 0
-            for start in range(0, len(images), EVAL_BATCH):
-                index = torch.arange(start, min(start + EVAL_BATCH, len(images)), device=images.y.device)
-                with self.autocast():
-                    logits, y = self._logits(split, index)
-                loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-                correct += (logits.argmax(1) == y).sum().item()
-            out[split] = (loss_sum / len(images), correct / len(images))
-        return out
+        return super()._logits(split, index)
 
 
 def build_task(cfg: Config, device: torch.device, autocast, data: Cifar10 | None = None, progress: bool = True):
