@@ -152,3 +152,16 @@ def test_bad_config_values_are_refused():
     for bad in (dict(steps=0), dict(dropout=1.0), dict(precision="fp8"), dict(device="tpu")):
         with pytest.raises(CifarlabError, match="invalid config"):
             small_cfg(**bad)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    from safetensors.torch import save_file
+
+    from cifarlab.fileio import write_text, write_with
+
+    umask = os.umask(0)
+    os.umask(umask)
+    write_with(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
+    write_text(tmp_path / "t.txt", "x")
+    for name in ("w.safetensors", "t.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask

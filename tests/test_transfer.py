@@ -88,3 +88,11 @@ def test_features_offer_pool5_and_the_head(data):
     assert task.model.layer_names == ("pool5", "fc1", "fc2", "logits")
     feats = task.model.eval().features(task.splits["test"].batch(torch.arange(3))[0], ["pool5", "fc2"])
     assert feats["pool5"].shape == (3, 1280) and feats["fc2"].shape == (3, 192)
+
+
+def test_the_feature_cache_is_used_only_when_it_saves_backbone_work():
+    full = Config.for_study("transfer")  # 10,000 frozen steps of 128 images
+    assert TransferTask.cache_pays(full, 50000, 60000)
+    assert not TransferTask.cache_pays(full.replace(refine_after=100), 50000, 60000)  # 12,800 images < 60,000
+    assert TransferTask.cache_pays(full.replace(refine_after=1000), 50000, 60000)
+    assert not TransferTask.cache_pays(full.replace(refine_after=0), 50000, 60000)

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from cifarlab import CifarlabError  # noqa: E402
-from cifarlab.fileio import write_json, write_with  # noqa: E402
+from cifarlab.fileio import read_json, write_json, write_with  # noqa: E402
 from cifarlab.runs import RunDir  # noqa: E402
 
 SPLITS = ("train", "val", "test")
@@ -471,7 +471,7 @@ def run_ovr(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None 
                   "per_class_accuracy": dict(zip(test.classes, result["per_class_accuracy"])),
                   "created": dt.datetime.now().isoformat(timespec="seconds")}
         json_path = run.path / "analysis" / f"ovr-{name}.json"
-        record = _read_json(json_path)
+        record = read_json(json_path)
         record.update(run=run.name, layer=name, classes=list(test.classes))
         record.setdefault("results", {})[f"{protocol}/{classifier}"] = result
         write_json(json_path, record)
@@ -482,13 +482,6 @@ def run_ovr(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None 
                              title)
         rows.append({**result, "json": json_path, "png": png})
     return rows
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def format_ovr_table(rows: list[dict]) -> str:

@@ -58,6 +58,9 @@ def _shared_train_flags(
         "--cuda-graph/--no-cuda-graph", help="On CUDA, replay the whole step as one CUDA graph. [default: on]")] = None,
     tensorboard: Annotated[Optional[bool], typer.Option(
         "--tensorboard/--no-tensorboard", help="Write TensorBoard events to RUN/tb. [default: on]")] = None,
+    distributed: Annotated[Optional[bool], typer.Option(
+        "--distributed", help="One of several processes started by torchrun: data-parallel (DDP) training, "
+        "the batch split over the processes, rank 0 writes the run. See README, 'Several GPUs'.")] = None,
     data: DataOpt = None,
     preset: Annotated[Optional[str], typer.Option(
         help="Start from a named preset (`cifarlab presets`); flags given here override it.")] = None,
@@ -112,7 +115,8 @@ def _train(study: str | None, flags: dict, preset: str | None, out: str | None, 
         else:
             cfg = Config.for_study(study, **flags)
         run, summary = train(cfg, out=out or (f"runs/{preset}-{_stamp()}" if preset else None), progress=not quiet)
-    _print_run_result(run, summary)
+    if summary is not None:  # None on the ranks other than 0 of a --distributed run
+        _print_run_result(run, summary)
 
 
 def _stamp() -> str:
@@ -339,6 +343,56 @@ def ovr(
     print(format_ovr_table(rows))
     for row in rows:
         print(f"  {row['layer']:<12} {row['json']}  {row['png']}")
+
+
+@app.command("reproduce")
+def reproduce_cmd(
+    data: DataOpt = None,
+    out: Annotated[Path, typer.Option(help="Folder of the runs (one per preset) and the report.")] = Path("report"),
+    only: Annotated[Optional[str], typer.Option(
+        help="Comma-separated studies to run: study1 (ConvNet), study2 (Siamese), study3 (transfer). [default: all]")] = None,
+    steps_scale: Annotated[float, typer.Option(
+        help="Multiply every step count (steps, eval/checkpoint intervals, refine step K) by this; "
+        "0.02 is a quick version. [default: 1, the report's]")] = 1.0,
+    jobs: Annotated[int, typer.Option(help="Runs trained at once, each in its own process.")] = 1,
+    max_evals: Annotated[Optional[int], typer.Option(
+        help="At most this many test evaluations per run (they dominate short runs on a CPU). [default: the report's cadence]")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    transfer_backbone: Annotated[Optional[str], typer.Option(
+        help="Backbone of the study-3 runs: vgg16 (the report's) or efficientnet-lite0 (its weights ship in "
+        "cifarlab[lite0]). [default: vgg16]")] = None,
+    backbone_weights: Annotated[Optional[str], typer.Option(
+        help="Weights of the study-3 backbone: imagenet or a file. [default: imagenet]")] = None,
+    tsne_points: Annotated[int, typer.Option(help="Points per t-SNE figure.")] = 10000,
+    set_: Annotated[Optional[List[str]], typer.Option(
+        "--set", help="KEY=VALUE: a setting for every run, e.g. --set precision=bf16 (repeatable).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Rerun the whole report: every preset into OUT/<preset>/, the analysis its tables need
+    (OvR, t-SNE), then OUT/report.html and OUT/report.md. Finished runs are skipped and
+    interrupted ones resumed, so running it again costs nothing."""
+    from cifarlab.config import parse_settings
+    from cifarlab.reproduce import reproduce
+
+    state = reproduce(out, data=data, only=only, steps_scale=steps_scale, jobs=jobs, max_evals=max_evals,
+                      device=device, transfer_backbone=transfer_backbone, backbone_weights=backbone_weights,
+                      tsne_points=tsne_points, overrides=parse_settings(set_), progress=not quiet)
+    failed = [name for name, r in state["runs"].items() if r["status"] == "failed"]
+    print(f"done in {state['wall_seconds']:.1f} s: {state['report']['html']}  {state['report']['md']}")
+    if failed:
+        raise CifarlabError(f"{len(failed)} run(s) failed: {', '.join(failed)} (the report says why)")
+
+
+@app.command("report")
+def report_cmd(
+    folder: Annotated[Path, typer.Argument(help="A `cifarlab reproduce` output folder (runs named after presets).")],
+) -> None:
+    """Write FOLDER/report.html (self-contained) and FOLDER/report.md: the report's tables with the
+    seed's number beside ours, and its figures redrawn from the runs in FOLDER."""
+    from cifarlab.report import write_report
+
+    html_path, md_path = write_report(folder)
+    print(f"{html_path}\n{md_path}")
 
 
 def main() -> None:

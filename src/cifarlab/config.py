@@ -58,6 +58,7 @@ class Config:
     memory_format: str = "auto"
     cuda_graph: bool = True
     tensorboard: bool = True
+    distributed: bool = False  # one of several torchrun processes (DDP); recorded, but a resume sets it anew
 
     def validate(self) -> "Config":
         def need(ok: bool, what: str) -> None:
@@ -147,6 +148,26 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise CifarlabError(f"{path}: not found") from None
     except tomllib.TOMLDecodeError as err:
         raise CifarlabError(f"{path}: not valid TOML ({err}); fix or remove the file") from None
+
+
+def parse_settings(items: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` pairs (TOML values; a bare word is a string) as Config settings, checked."""
+    values: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise CifarlabError(f"--set takes KEY=VALUE (e.g. batch_size=64), got {item!r}")
+        try:
+            values[key] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key] = text.strip()
+    if "study" in values:
+        raise CifarlabError("--set cannot change a run's study; choose studies with --only")
+    if "distributed" in values:
+        raise CifarlabError("--set cannot make runs distributed: start one run with torchrun ... --distributed")
+    Config.from_dict({**Config().to_dict(), **values}, source="--set")
+    return values
 
 
 def load_config(path: Path) -> Config:

@@ -2,8 +2,8 @@
 
 A study supplies a `Task` (its model, how to draw a training batch for a step, its loss,
 and its evaluation); the engine owns the rest: the step loop, Adam, logging to
-metrics.csv and TensorBoard, checkpoints and resume, Ctrl-C, NaN checks, progress and the
-CUDA-graph fast path.
+metrics.csv and TensorBoard, checkpoints and resume, Ctrl-C, NaN checks, progress, the
+CUDA-graph fast path and data-parallel training over torchrun's processes (distributed.py).
 
 Speed rules: the data lives on the device as one tensor and a batch is drawn by index;
 nothing in the inner loop waits for the device except at log, eval and checkpoint steps;
@@ -24,6 +24,7 @@ from torch import nn
 
 from cifarlab import CifarlabError
 from cifarlab.config import Config
+from cifarlab.distributed import Solo
 from cifarlab.runs import RunDir
 
 
@@ -33,10 +34,12 @@ class Task(Protocol):
     model: nn.Module
 
     def train_inputs(self, step: int) -> tuple[torch.Tensor, ...]:
-        """Device tensors that select step `step`'s batch; a pure function of the step."""
+        """Device tensors that select step `step`'s batch; a pure function of the step. Row i of
+        each is example i: under --distributed every rank draws them all and keeps its rows."""
 
     def train_loss(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(mean loss, number correct, batch examples) for one batch; runs inside the graph."""
+        """(mean loss, number correct, batch examples) for one batch; runs inside the graph.
+        A mean over the examples (plus terms of the weights alone), so ranks' losses average."""
 
     def evaluate(self) -> dict[str, tuple[float, float]]:
         """{split: (loss, accuracy)} on the evaluation splits, model in eval mode."""
@@ -44,6 +47,10 @@ class Task(Protocol):
 
 class TrainingDiverged(CifarlabError):
     pass
+
+
+class TrainingInterrupted(CifarlabError):
+    """Ctrl-C: progress was saved; the run can be resumed."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,12 +79,17 @@ class StepRunner:
     """Runs one training step, eagerly or as a captured CUDA graph.
 
     The running sums of loss and correct predictions stay on the device so that the loop
-    never synchronises between log points.
+    never synchronises between log points. Under --distributed each rank trains on its slice of
+    the step's batch through DDP and holds its share of the sums (losses pre-divided by the
+    number of ranks), so summing over ranks at a log point gives the global means.
     """
 
-    def __init__(self, task: Task, optimizer: torch.optim.Optimizer, autocast, use_graph: bool):
+    def __init__(self, task: Task, optimizer: torch.optim.Optimizer, autocast, use_graph: bool,
+                 group: Solo | None = None):
         self.task, self.optimizer, self.autocast = task, optimizer, autocast
         device = next(task.model.parameters()).device
+        self.group = group or Solo(device)
+        self.forward = self.group.wrap(task)  # task.train_loss, or it through DDP
         self.loss_sum = torch.zeros((), device=device)
         self.correct_sum = torch.zeros((), device=device)
         self.examples = 0
@@ -89,15 +101,16 @@ class StepRunner:
     def _step(self, inputs: tuple[torch.Tensor, ...]) -> int:
         self.optimizer.zero_grad(set_to_none=not self.use_graph)
         with self.autocast():
-            loss, correct, n = self.task.train_loss(*inputs)
+            loss, correct, n = self.forward(*inputs)
         loss.backward()
         self.optimizer.step()
-        self.loss_sum += loss.detach().float()
+        loss = loss.detach().float()
+        self.loss_sum += loss / self.group.world_size if self.group.world_size > 1 else loss
         self.correct_sum += correct
         return n
 
     def run(self, step: int) -> None:
-        inputs = self.task.train_inputs(step)
+        inputs = self.group.shard(self.task.train_inputs(step))
         if not self.use_graph:
             n = self._step(inputs)
         else:
@@ -139,34 +152,52 @@ class StepRunner:
             self.loss_sum.copy_(sums[0])
             self.correct_sum.copy_(sums[1])
 
+    def _global_sums(self) -> tuple[float, float, int]:
+        """(loss sum, correct, examples) over all ranks: one device sync, one all-reduce if several."""
+        sums = torch.stack([self.loss_sum.double(), self.correct_sum.double(),
+                            self.loss_sum.new_tensor(self.examples, dtype=torch.float64)])
+        loss, correct, examples = self.group.all_sum(sums).tolist()
+        return loss, correct, int(examples)
+
     def take_means(self) -> tuple[float, float]:
-        """Mean loss and accuracy since the last call (one device sync); resets the sums."""
-        loss = self.loss_sum.item() / max(self.steps, 1)
-        acc = self.correct_sum.item() / max(self.examples, 1)
+        """Mean loss and accuracy since the last call, over all ranks; resets the sums."""
+        loss, correct, examples = self._global_sums()
         self.loss_sum.zero_()
         self.correct_sum.zero_()
-        self.examples = self.steps = 0
-        return loss, acc
+        self.examples, steps, self.steps = 0, self.steps, 0
+        return loss / max(steps, 1), correct / max(examples, 1)
 
     def state_dict(self) -> dict:
-        return {"loss_sum": self.loss_sum.detach().cpu(), "correct_sum": self.correct_sum.detach().cpu(),
-                "examples": self.examples, "steps": self.steps}
+        """The global sums, whatever the number of ranks (every rank must call it)."""
+        loss, correct, examples = self._global_sums()
+        return {"loss_sum": torch.tensor(loss, dtype=torch.float32), "correct_sum": torch.tensor(correct),
+                "examples": examples, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.loss_sum.copy_(state["loss_sum"])
-        self.correct_sum.copy_(state["correct_sum"])
-        self.examples, self.steps = int(state["examples"]), int(state["steps"])
+        """Rank 0 takes the saved global sums, the other ranks start from zero."""
+        self.loss_sum.zero_()
+        self.correct_sum.zero_()
+        self.examples, self.steps = 0, int(state["steps"])
+        if self.group.is_main:
+            self.loss_sum.copy_(state["loss_sum"])
+            self.correct_sum.copy_(state["correct_sum"])
+            self.examples = int(state["examples"])
 
 
 class _InterruptFlag:
-    """First Ctrl-C asks the loop to stop at the next step boundary; a second one aborts."""
+    """First Ctrl-C asks the loop to stop at the next step boundary; a second one aborts.
 
-    def __init__(self):
+    Off under --distributed: the ranks would see it at different steps, and torchrun stops
+    every process on Ctrl-C anyway (resume from the last checkpoint).
+    """
+
+    def __init__(self, enabled: bool = True):
         self.set = False
+        self.enabled = enabled
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -183,15 +214,21 @@ class _InterruptFlag:
 class Trainer:
     """Step-based training of one task into one run directory."""
 
-    def __init__(self, cfg: Config, task: Task, run: RunDir, device: torch.device, progress: bool = True):
-        self.cfg, self.task, self.run, self.device, self.progress = cfg, task, run, device, progress
+    def __init__(self, cfg: Config, task: Task, run: RunDir, device: torch.device, progress: bool = True,
+                 group: Solo | None = None):
+        """`group`: this process's place among torchrun's ranks (distributed.launch); only rank 0 writes."""
+        self.group = group or Solo(device)
+        self.cfg, self.task, self.run, self.device = cfg, task, run, device
+        self.progress = progress and self.group.is_main
         self.model = task.model
+        if self.group.rank:  # a dropout stream of its own; the model was built from cfg.seed on every rank
+            torch.manual_seed(cfg.seed * 1_000_003 + self.group.rank)
         self.optimizer = torch.optim.Adam(
             [p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
             capturable=self._use_graph(), foreach=True,
         )
         self.autocast = make_autocast(cfg.precision, device)
-        self.runner = StepRunner(task, self.optimizer, self.autocast, self._use_graph())
+        self.runner = StepRunner(task, self.optimizer, self.autocast, self._use_graph(), self.group)
         self.step = 0
         self.writer = None
         # cumulative over resumes: all time in fit(), and the part spent evaluating/logging
@@ -205,46 +242,73 @@ class Trainer:
         if more:
             self.optimizer.add_param_group({"params": more})
             self.runner.graph = None
+            self.runner.forward = None  # DDP fixes its parameters when built: drop it, wrap anew
+            self.runner.forward = self.group.wrap(self.task)
 
     def _use_graph(self) -> bool:
-        return self.cfg.cuda_graph and self.device.type == "cuda"
+        # Not under --distributed: DDP's all-reduce hooks in backward are not captured here.
+        return self.cfg.cuda_graph and self.device.type == "cuda" and not self.group.distributed
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _rng_state(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng_state(self, state: dict) -> None:
+        """RNG states must be CPU byte tensors; last.pt is loaded onto the training device."""
+        torch.set_rng_state(state["cpu"].cpu())
+        if state.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
+
     def _training_state(self) -> dict:
+        """What last.pt holds; under --distributed every rank takes part (sums, RNG states)."""
+        rng = self._rng_state()
         state = {
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "accumulators": self.runner.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
+            "rng_cpu": rng["cpu"],
             "clock": {"wall": self._wall(), "eval": self.clock["eval"]},
         }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        if "cuda" in rng:
+            state["rng_cuda"] = rng["cuda"]
+        if self.group.distributed:
+            state["rng_ranks"] = self.group.gather({k: v.cpu() for k, v in rng.items()})
         return state
 
     def save_checkpoint(self, weights_too: bool = True) -> None:
+        """Every rank calls it (the ranks hold the same weights); rank 0 writes."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise TrainingDiverged(
                 f"weights are not finite at step {self.step}; not saving. "
                 f"{self.run.last_good_hint()}"
             )
-        if weights_too:
-            self.run.save_weights(self.step, self.model)
-        self.run.save_training_state(self._training_state())
+        state = self._training_state()
+        if self.group.is_main:
+            if weights_too:
+                self.run.save_weights(self.step, self.model)
+            self.run.save_training_state(state)
 
     def resume(self) -> None:
+        """Continue from last.pt; every rank loads it (a run saved by another number of
+        processes resumes too, the other ranks then with fresh dropout streams)."""
         state = self.run.load_training_state(self.device)
         self.model.load_state_dict(state["model"])
         self.step = int(state["step"])
         self._sync_phase()  # the optimizer must have the groups it had when saved
         self.optimizer.load_state_dict(state["optimizer"])
         self.runner.load_state_dict(state["accumulators"])
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        ranks = state.get("rng_ranks", [])
+        if len(ranks) == self.group.world_size > 1:
+            self._set_rng_state(ranks[self.group.rank])
+        elif self.group.is_main:
+            self._set_rng_state({"cpu": state["rng_cpu"], "cuda": state.get("rng_cuda")})
         self.clock = {k: float(v) for k, v in state["clock"].items()}
-        self.run.truncate_metrics(self.step)
+        if self.group.is_main:
+            self.run.truncate_metrics(self.step)
 
     # -- logging -----------------------------------------------------------------------------
     def _tb(self):
@@ -258,6 +322,8 @@ class Trainer:
         return self.clock["wall"] + time.perf_counter() - self._started
 
     def _log(self) -> dict[str, tuple[float, float]]:
+        """Every rank reduces the train means (so all stop together on a NaN); rank 0 alone
+        evaluates and writes."""
         train = self.runner.take_means()
         eval_start = time.perf_counter()
         elapsed = self._wall()
@@ -266,6 +332,8 @@ class Trainer:
                 f"training loss became {train[0]} before step {self.step}; "
                 f"{self.run.last_good_hint()} Try a lower --lr."
             )
+        if not self.group.is_main:
+            return {"train": train}
         results = {"train": train, **self.task.evaluate()}
         for split, (loss, acc) in results.items():
             self.run.add_metric(self.step, split, loss, acc, elapsed)
@@ -283,7 +351,8 @@ class Trainer:
         return results
 
     # -- the loop ----------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self) -> dict | None:
+        """Train to cfg.steps; the summary (None on ranks other than 0)."""
         cfg = self.cfg
         self.model.train()
         self._started = time.perf_counter()
@@ -291,7 +360,7 @@ class Trainer:
         last = {}
         tick_at = time.perf_counter()
         try:
-            with _InterruptFlag() as interrupt:
+            with _InterruptFlag(enabled=not self.group.distributed) as interrupt:
                 while self.step < cfg.steps:
                     self._sync_phase()
                     self.runner.run(self.step)
@@ -311,7 +380,7 @@ class Trainer:
                         tick_at = time.perf_counter()
                     if interrupt.set and self.step < cfg.steps:
                         self.save_checkpoint(weights_too=False)
-                        raise CifarlabError(
+                        raise TrainingInterrupted(
                             f"interrupted at step {self.step}; progress saved. "
                             f"Continue with: cifarlab train {cfg.study} --resume {self.run.path}"
                         )
@@ -320,8 +389,12 @@ class Trainer:
                 bar.close()
             if self.writer is not None:
                 self.writer.close()
+        if not self.group.is_main:
+            return None
         wall = self._wall()
-        extra = self.task.summary() if hasattr(self.task, "summary") else None
+        extra = self.task.summary() if hasattr(self.task, "summary") else {}
+        if self.group.distributed:
+            extra = {**extra, "processes": self.group.world_size}
         return self.run.write_summary(self.cfg, wall, wall - self.clock["eval"], self.device, extra)
 
 

@@ -24,10 +24,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     # The real suffix stays last: np.savez and savefig choose their format from it.
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600 (and some writers, e.g. safetensors, recreate the file): give the
+        # published file the usual permissions
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -45,6 +47,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from `path`, or {} when it is missing or unreadable (records that may not exist yet)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:

@@ -15,6 +15,10 @@ from cifarlab import CifarlabError
 from cifarlab.config import Config, read_toml
 
 
+# The run whose layers the report's section 1.4 analyses (t-SNE, one-vs-rest).
+REFERENCE_RUN = "classifier-b128"
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str

@@ -249,14 +249,25 @@ class TransferTask(ClassifierTask):
         backbone.requires_grad_(self.refining)
         self.cached: dict[str, torch.Tensor] = {}
         self.cache_seconds = 0.0
-        if not self.refining and cfg.feature_cache:
+        if not self.refining and cfg.feature_cache and self.cache_pays(cfg, len(self.splits["train"]),
+                                                                       sum(map(len, self.splits.values()))):
             start = time.perf_counter()
             self.cached = {split: embed(backbone.eval(), images, autocast, progress=progress, desc=f"pool5 {split}")
                            for split, images in self.splits.items()}
             self.cache_seconds = time.perf_counter() - start
 
+    @staticmethod
+    def cache_pays(cfg: Config, n_train: int, n_all: int) -> bool:
+        """Caching runs the backbone once over every image (n_all); training without it runs the
+        backbone over each batch and each evaluation while frozen. Cache only when that is more
+        (a run that refines after 100 steps would otherwise embed 60,000 images for 12,800)."""
+        frozen = cfg.steps if cfg.refine_after < 0 else min(cfg.refine_after, cfg.steps)
+        evaluations = frozen // cfg.eval_every
+        return frozen * cfg.batch_size + evaluations * (n_all - n_train) > n_all
+
     def summary(self) -> dict:
         return {"backbone": self.cfg.backbone, "backbone_weights": self.backbone.weights_source,
+                "feature_cache": bool(self.cached) or self.cache_seconds > 0,
                 "feature_cache_seconds": round(self.cache_seconds, 3)}
 
     def parameters_to_unfreeze(self, step: int) -> list:

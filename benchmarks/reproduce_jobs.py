@@ -1,0 +1,56 @@
+"""How many runs at once (`cifarlab reproduce --jobs N`) give the shortest total time?
+
+Trains the same presets with each N into fresh folders and prints the wall time of each, e.g.
+
+    python benchmarks/reproduce_jobs.py --data DIR --only study1 --steps-scale 0.05 --jobs 1,2,4
+
+Small models do not fill a GPU, so several runs at once should finish sooner than one after
+another; on a CPU the cores are shared, so the gain (if any) comes from better use of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from cifarlab.reproduce import reproduce
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--only", default="study1")
+    parser.add_argument("--steps-scale", type=float, default=0.05)
+    parser.add_argument("--max-evals", type=int, default=None)
+    parser.add_argument("--jobs", default="1,2,4", help="comma-separated values of N to time")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every run")
+    args = parser.parse_args()
+    from cifarlab.config import parse_settings
+
+    overrides = {"tensorboard": False, **parse_settings(args.set)}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cifarlab-jobs-") as tmp:
+        for jobs in (int(j) for j in args.jobs.split(",")):
+            out = Path(tmp) / f"jobs-{jobs}"
+            start = time.perf_counter()
+            state = reproduce(out, data=args.data, only=args.only, steps_scale=args.steps_scale, jobs=jobs,
+                              max_evals=args.max_evals, device=args.device, overrides=overrides,
+                              tsne_points=2000, progress=False, log=lambda *_: None)
+            seconds = time.perf_counter() - start
+            runs = len(state["runs"])
+            rows.append((jobs, runs, state["train_seconds"], seconds))
+            print(f"--jobs {jobs}: {runs} runs trained in {state['train_seconds']:.1f} s "
+                  f"({seconds:.1f} s with analysis and report)", flush=True)
+            shutil.rmtree(out)
+    base = rows[0][2]
+    print("\n| --jobs | runs | training wall s | speed-up | with analysis + report s |\n|---:|---:|---:|---:|---:|")
+    for jobs, runs, train_s, total in rows:
+        print(f"| {jobs} | {runs} | {train_s:.1f} | {base / train_s:.2f}x | {total:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,458 @@
+"""`cifarlab report DIR`: the seed report's tables (seed's number, ours, difference) and figures,
+redrawn from the preset runs in DIR, as one self-contained DIR/report.html and a DIR/report.md.
+
+It reads what is there (DIR/<preset>/ runs, their analysis, DIR/reproduce.json when present), so
+it also works on runs trained by hand with `cifarlab train --preset NAME --out DIR/NAME`.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cifarlab import CifarlabError, __version__
+from cifarlab.fileio import read_json, write_text
+from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
+from cifarlab.reproduce import GROUPS
+
+# The report's section 1.4.1 table (its classifier saw 5,000 test samples; see README).
+SEED_LAYER_OVR = {"flatten": 0.6305, "fc1": 0.59, "fc2": 0.7685}
+FIGURE_DIR = "figures"
+
+
+@dataclass
+class Row:
+    experiment: str
+    seed: float | None
+    ours: float | None
+    note: str = ""
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.seed is None or self.ours is None else self.ours - self.seed
+
+
+@dataclass
+class Table:
+    title: str
+    caption: str
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)  # long reasons shared by rows, said once
+
+    def shorten_shared_notes(self) -> "Table":
+        """A reason several rows share (a skipped backbone's full message) moves below the table."""
+        counts = {note: sum(r.note == note for r in self.rows) for note in {r.note for r in self.rows}}
+        for row in self.rows:
+            if counts[row.note] > 1 and len(row.note) > 80:
+                if row.note not in self.notes:
+                    self.notes.append(row.note)
+                row.note = f"{row.note.split(':')[0]}: see note {self.notes.index(row.note) + 1} below"
+        return self
+
+
+@dataclass
+class Figure:
+    title: str
+    caption: str
+    png: Path | None  # None: nothing to draw yet, `caption` says why
+    runs: list[str] = field(default_factory=list)
+
+
+class ReportData:
+    """What DIR holds: presets, their runs' summaries, analysis, and reproduce.json."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise CifarlabError(f"{self.root}: no such folder; run `cifarlab reproduce --out {self.root}` first")
+        self.state = read_json(self.root / "reproduce.json")
+        self.presets = {p.name: p for p in all_presets()}
+        self.present = [n for n in self.presets if (self.root / n / "config.toml").is_file()]
+        if not self.present and not self.state:
+            raise CifarlabError(
+                f"{self.root}: holds no preset runs (DIR/<preset>/config.toml) and no reproduce.json; "
+                f"run `cifarlab reproduce --out {self.root}` first"
+            )
+
+    def summary(self, name: str) -> dict:
+        return read_json(self.root / name / "summary.json")
+
+    def config(self, name: str) -> dict:
+        from cifarlab.config import read_toml
+
+        path = self.root / name / "config.toml"
+        return read_toml(path) if path.is_file() else {}
+
+    def metrics(self, name: str) -> list[dict]:
+        from cifarlab.runs import RunDir
+
+        return RunDir(self.root / name).read_metrics()
+
+    def ovr(self, name: str, layer: str) -> dict | None:
+        record = read_json(self.root / name / "analysis" / f"ovr-{layer}.json")
+        return record.get("results", {}).get("seed/linear-svm")
+
+    def why_missing(self, name: str) -> str:
+        """Why preset `name` has no result: skipped, failed, unfinished or not run."""
+        record = self.state.get("runs", {}).get(name)
+        if record and record.get("status") in ("skipped", "failed"):
+            return f"{record['status']}: {record.get('note', '')}"
+        if (self.root / name / "config.toml").is_file():
+            return "unfinished: run `cifarlab reproduce` again to resume it"
+        only = self.state.get("only")
+        if only is not None and self.presets[name].study not in {GROUPS.get(g) for g in only}:
+            return "not run (left out by --only)"
+        return "not run"
+
+    def analysis_problem(self, name: str) -> str | None:
+        return self.state.get("runs", {}).get(name, {}).get("analysis")
+
+    def step_scales(self) -> dict[str, tuple[float, int, int]]:
+        """Per study: (scale, our steps, the report's steps) from the runs' own configs, since
+        studies may have been reproduced at different --steps-scale."""
+        found: dict[str, set] = {}
+        for name in self.present:
+            steps, full = self.config(name).get("steps"), self.presets[name].config().steps
+            if steps:
+                found.setdefault(self.presets[name].study, set()).add((round(steps / full, 6), steps, full))
+        # the scale furthest from 1 speaks for the study, so one full run cannot hide quick ones
+        return {study: max(values, key=lambda v: abs(v[0] - 1)) for study, values in found.items()}
+
+    def backbone_note(self, name: str) -> str:
+        used = self.config(name).get("backbone")
+        wanted = self.presets[name].settings.get("backbone")
+        return f"on {used} (the seed used {wanted})" if used and wanted and used != wanted else ""
+
+
+def _steps_note(summary: dict) -> str:
+    note = f"{summary['steps']:,} steps"
+    if summary.get("best_test_accuracy") is not None:
+        note += f"; best {summary['best_test_accuracy']:.4f} at step {summary['best_test_step']:,}"
+    return note
+
+
+def build_tables(data: ReportData) -> list[Table]:
+    by_study: dict[str, list[Preset]] = {}
+    for preset in data.presets.values():
+        by_study.setdefault(preset.study, []).append(preset)
+
+    def accuracy_rows(presets: list[Preset]) -> list[Row]:
+        rows = []
+        for p in sorted(presets, key=_preset_order):
+            s = data.summary(p.name)
+            ours = s.get("final_test_accuracy")
+            notes = [_steps_note(s) if s else data.why_missing(p.name), data.backbone_note(p.name)]
+            if p.seed_value is None:
+                notes.insert(0, "the report gives no number for this run")
+            rows.append(Row(p.reproduces, p.seed_value, ours, "; ".join(n for n in notes if n)))
+        return rows
+
+    n_test = f"{data.state['data']['test']:,}" if "data" in data.state else "the"
+    tables = [Table("Study 1: the ConvNet's test accuracy (sections 1 to 1.3)",
+                    f"Test accuracy on all {n_test} test images after the last step; the seed's numbers are "
+                    "its final values.", accuracy_rows(by_study.get("classifier", [])))]
+
+    ref_summary = data.summary(REFERENCE_RUN)
+    layer_rows = []
+    for layer, seed in SEED_LAYER_OVR.items():
+        res = data.ovr(REFERENCE_RUN, layer) if ref_summary else None
+        if res:
+            note = f"{res['n_fit']:,} fit / {res['n_score']:,} scored, {res['fit_seconds']:.1f} s"
+        else:
+            note = (data.why_missing(REFERENCE_RUN) if not ref_summary else data.analysis_problem(REFERENCE_RUN)
+                    or "no OvR yet: `cifarlab ovr RUN --layer all`")
+        layer_rows.append(Row(f"{layer} features", seed, res["accuracy"] if res else None, note))
+    tables.append(Table(
+        "Section 1.4.1: one-vs-rest linear classifiers on the ConvNet's features",
+        f"Features of the {REFERENCE_RUN} run on the test set, shuffled once, 80% fit and 20% scored (the "
+        f"seed's protocol, on all {n_test} test images; the seed scored 5,000 of 10,000). Ours: liblinear one-vs-rest "
+        "(linear-svm); the seed: OneVsRestClassifier(SVC(kernel='linear')).", layer_rows))
+
+    siamese_rows = []
+    for p in sorted(by_study.get("siamese", []), key=_preset_order):
+        s = data.summary(p.name)
+        res = data.ovr(p.name, "embedding") if s else None
+        if res:
+            note = f"{_steps_note(s)}; same-class rule accuracy on test tuples {s['final_test_accuracy']:.4f}"
+        else:
+            note = (data.why_missing(p.name) if not s else data.analysis_problem(p.name)
+                    or "no OvR yet: `cifarlab ovr RUN --layer embedding`")
+        siamese_rows.append(Row(p.reproduces, p.seed_value, res["accuracy"] if res else None, note))
+    tables.append(Table("Section 2.5: one-vs-rest on the Siamese embedding",
+                        "The 192-d L2-normalised embedding of the test set, the seed's protocol as above.",
+                        siamese_rows))
+    tables.append(Table("Section 3.3: transfer learning, test accuracy",
+                        "A pretrained backbone to pool5 under the ConvNet's fc head; feature extraction "
+                        "(backbone frozen) and refining the whole network from step K.",
+                        accuracy_rows(by_study.get("transfer", []))))
+    return [t.shorten_shared_notes() for t in tables]
+
+
+def _preset_order(p: Preset) -> tuple:
+    order = ["classifier-b128", "classifier-b128-wd0.005", "classifier-b128-dropout0.5", "classifier-b128-dropout0.2",
+             "classifier-b64", "classifier-b64-wd0.01", "classifier-b64-wd0.005", "classifier-b64-dropout0.5",
+             "classifier-b64-dropout0.2", "transfer-features", "transfer-refine", "transfer-refine-100",
+             "transfer-refine-1000", "transfer-refine-2500"]
+    return (order.index(p.name) if p.name in order else len(order), p.name)
+
+
+# The seed's figures: (title, caption, presets overlaid).
+CURVE_FIGURES = [
+    ("Figure 1", "Batch 128, no regularisation: accuracy (left) and loss (right), train and test.",
+     ["classifier-b128"]),
+    ("Figure 2", "Batch 128: weight decay 0.005 on fc1/fc2 against none.", ["classifier-b128", "classifier-b128-wd0.005"]),
+    ("Figure 3", "Batch 128: dropout 0.5 and 0.2 on fc1/fc2 against none.",
+     ["classifier-b128", "classifier-b128-dropout0.5", "classifier-b128-dropout0.2"]),
+    ("Figure 4", "Batch 64 against batch 128.", ["classifier-b128", "classifier-b64"]),
+    ("Figure 5", "Batch 64: weight decay 0.01 and 0.005 against none.",
+     ["classifier-b64", "classifier-b64-wd0.01", "classifier-b64-wd0.005"]),
+    ("Figure 6", "Batch 64: dropout 0.5 and 0.2 against none.",
+     ["classifier-b64", "classifier-b64-dropout0.5", "classifier-b64-dropout0.2"]),
+    ("Figure 8", "Siamese experiment 1 (loss 1, anchor batches): train, validation and test loss; accuracy is the "
+     "same-class rule d < threshold on the fixed tuples.", ["siamese-exp1"]),
+    ("Figure 9", "Siamese loss 1 against loss 2 (anchor batches).", ["siamese-exp1", "siamese-exp2"]),
+    ("Figure 10", "Siamese anchor batches against random batches (loss 2).", ["siamese-exp2", "siamese-exp3"]),
+    ("Transfer", "Section 3.3: feature extraction and refining after K steps (the seed's Figures 13 and 14 show "
+     "its transfer runs; its Figure 12 is a diagram of the graph, not a result).",
+     ["transfer-features", "transfer-refine", "transfer-refine-100", "transfer-refine-1000", "transfer-refine-2500"]),
+]
+TSNE_FIGURES = [
+    ("Figure 7", "t-SNE of the test features of flatten, fc1 and fc2 (reference run), coloured by class.",
+     [(REFERENCE_RUN, "flatten"), (REFERENCE_RUN, "fc1"), (REFERENCE_RUN, "fc2")]),
+    ("Figure 11", "t-SNE of the Siamese embedding of the test set: experiments 1, 2 and 3.",
+     [("siamese-exp1", "embedding"), ("siamese-exp2", "embedding"), ("siamese-exp3", "embedding")]),
+]
+_ORDER = ["Figure 1", "Figure 2", "Figure 3", "Figure 4", "Figure 5", "Figure 6", "Figure 7", "Figure 8",
+          "Figure 9", "Figure 10", "Figure 11", "Transfer"]
+
+
+def build_figures(data: ReportData, folder: Path) -> list[Figure]:
+    from cifarlab.analysis import plot_tsne
+    from cifarlab.plots import plot_curves
+
+    figures = []
+    for title, caption, names in CURVE_FIGURES:
+        have = [n for n in names if data.summary(n) or data.metrics(n)]
+        missing = [n for n in names if n not in have]
+        note = "".join(f" {n}: {data.why_missing(n)}." for n in missing)
+        if not have:
+            figures.append(Figure(title, caption + " Not drawn:" + note, None, names))
+            continue
+        png = plot_curves([(n, data.metrics(n)) for n in have], folder / f"{_slug(title)}.png", title=title)
+        figures.append(Figure(title, caption + (" Missing:" + note if missing else ""), png, have))
+    for title, caption, parts in TSNE_FIGURES:
+        panels, labels, classes, notes = [], None, None, []
+        for name, layer in parts:
+            try:
+                with np.load(data.root / name / "analysis" / f"tsne-{layer}.npz") as npz:
+                    coords, rows, lab = npz["coords"], npz["rows"], npz["labels"]
+                    meta = json.loads(str(npz["meta"]))
+            except (OSError, KeyError, ValueError):
+                notes.append(f"{name} {layer}: " + (data.why_missing(name) if not data.summary(name)
+                                                      else "no t-SNE yet (`cifarlab tsne`)"))
+                continue
+            if labels is not None and (len(rows) != len(labels) or not np.array_equal(lab, labels)):
+                notes.append(f"{name} {layer}: embedded other points than the first panel; redo its t-SNE")
+                continue
+            labels, classes = lab, meta["classes"]
+            panels.append((f"{name}: {layer}" if len({n for n, _ in parts}) > 1 else layer, coords))
+        note = (" Missing: " + "; ".join(notes) + ".") if notes else ""
+        png = plot_tsne(panels, labels, classes, folder / f"{_slug(title)}.png", title) if panels else None
+        figures.append(Figure(title, caption + note, png, [n for n, _ in parts]))
+    return sorted(figures, key=lambda f: _ORDER.index(f.title))
+
+
+def _slug(title: str) -> str:
+    return title.lower().replace(" ", "-")
+
+
+def run_rows(data: ReportData) -> list[dict]:
+    rows = []
+    for name, preset in data.presets.items():
+        s = data.summary(name)
+        record = data.state.get("runs", {}).get(name, {})
+        if not s and not record and name not in data.present:
+            continue
+        status = "finished" if s else record.get("status") or "unfinished"
+        rows.append({"run": name, "study": preset.study, "status": status, "steps": s.get("steps"),
+                     "device": s.get("device", ""), "wall": s.get("wall_seconds"), "ms": s.get("ms_per_step"),
+                     "note": "" if s else ":".join(data.why_missing(name).split(":")[:2])})
+    return rows
+
+
+def environment(data: ReportData) -> list[tuple[str, str]]:
+    import torch
+
+    summaries = [data.summary(n) for n in data.present if data.summary(n)]
+    devices = sorted({s["device"] for s in summaries if "device" in s})
+    torches = sorted({s["torch_version"] for s in summaries if "torch_version" in s})
+    versions = sorted({s["cifarlab_version"] for s in summaries if "cifarlab_version" in s})
+    info = [("device", ", ".join(devices) or "-"),
+            ("torch", ", ".join(torches) or torch.__version__),
+            ("cifarlab", ", ".join(versions) or __version__) ]
+    d = data.state.get("data")
+    if d:
+        info.append(("data", f"{d['layout']} layout ({d.get('source', '?')}), {d['train']:,} train / "
+                             f"{d['test']:,} test images; checksum: {d['checksum']}"))
+    if data.state.get("overrides"):
+        info.append(("changed for every run", changed_settings(data.state["overrides"])))
+    total = sum(s.get("wall_seconds", 0) for s in summaries)
+    info.append(("training wall time", f"{total:,.1f} s over {len(summaries)} runs (each run's own clock, all "
+                                       "its resumes included)"))
+    if "wall_seconds" in data.state:
+        info.append(("last reproduce call", f"{data.state['wall_seconds']:,.1f} s ({data.state.get('jobs', 1)} "
+                                            f"job(s) at a time), finished {data.state.get('finished_at', '')}"))
+    info.append(("report written", dt.datetime.now().isoformat(timespec="seconds")))
+    return info
+
+
+_RUN_COLUMNS = ("run", "study", "status", "steps", "device", "wall", "ms", "note")
+_NUMERIC = {"steps", "wall", "ms"}
+
+
+def _run_cells(r: dict) -> dict[str, str]:
+    """A run row as display strings (blank where a run has no summary yet)."""
+    cells = {k: str(r[k]) for k in _RUN_COLUMNS}
+    for key, pattern in (("steps", "{:,}"), ("wall", "{:,.1f}"), ("ms", "{:.1f}")):
+        cells[key] = "" if r[key] is None else pattern.format(r[key])
+    return cells
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+STUDY_NAMES = {"classifier": "ConvNet", "siamese": "Siamese", "transfer": "transfer"}
+
+
+def changed_settings(overrides: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def settings_warning(overrides: dict) -> str | None:
+    if not overrides:
+        return None
+    return (f"Every run was trained with settings changed from the report's: {changed_settings(overrides)} "
+            f"(`--set`); numbers beside the seed's may differ for that reason.")
+
+
+def scale_warning(scales: dict[str, tuple[float, int, int]]) -> str | None:
+    shortened = {study: v for study, v in scales.items() if abs(v[0] - 1) > 1e-9}
+    if not shortened:
+        return None
+    parts = [f"{STUDY_NAMES.get(study, study)} runs x{scale:g} ({steps:,} instead of {full:,} steps)"
+             for study, (scale, steps, full) in shortened.items()]
+    return (f"QUICK VERSION: step counts are scaled: {'; '.join(parts)}. Its numbers show that everything "
+            f"runs; they are not comparable with the seed's. Run `cifarlab reproduce --steps-scale 1` for "
+            f"the real study.")
+
+
+# --- writers ------------------------------------------------------------------------------------
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+.warning { background: #fff3cd; border: 2px solid #d39e00; padding: 0.8em 1em; font-weight: bold; }
+table { border-collapse: collapse; margin: 0.6em 0 0.3em; width: 100%; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.55em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; } table.results th:first-child { width: 36%; }
+table.results th:nth-child(2), table.results th:nth-child(3), table.results th:nth-child(4) { width: 7%; } tr:nth-child(even) td { background: #fafafa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.up { color: #1a7f37; } td.down { color: #b3261e; } .caption { color: #555; font-size: 0.9em; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #444; font-size: 0.9em; } .missing { color: #888; font-style: italic; }
+"""
+
+
+def render_html(tables: list[Table], figures: list[Figure], runs: list[dict], env: list[tuple[str, str]],
+                warnings: list[str]) -> str:
+    e = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           "<title>cifarlab: the CIFAR-10 study reproduced</title>", f"<style>{CSS}</style></head><body>",
+           "<h1>The CIFAR-10 study, reproduced by cifarlab</h1>"]
+    out += [f'<p class="warning">{e(warning)}</p>' for warning in warnings]
+    out.append("<h2>Environment</h2><table>")
+    out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in env]
+    out.append("</table>")
+    for table in tables:
+        out.append(f"<h2>{e(table.title)}</h2><p class=\"caption\">{e(table.caption)}</p>")
+        out.append("<table class=\"results\"><tr><th>experiment</th><th>seed</th><th>ours</th><th>difference</th><th>note</th></tr>")
+        for row in table.rows:
+            diff = row.difference
+            cls = "num" + ("" if diff is None else (" up" if diff >= 0 else " down"))
+            out.append(f"<tr><td>{e(row.experiment)}</td><td class=\"num\">{_fmt(row.seed)}</td>"
+                       f"<td class=\"num\">{_fmt(row.ours)}</td><td class=\"{cls}\">{_fmt(diff, True)}</td>"
+                       f"<td>{e(row.note)}</td></tr>")
+        out.append("</table>")
+        out += [f'<p class="caption">Note {i}: {e(note)}</p>' for i, note in enumerate(table.notes, 1)]
+    out.append("<h2>Figures</h2>")
+    for fig in figures:
+        out.append(f"<figure id=\"{_slug(fig.title)}\"><h3>{e(fig.title)}</h3>")
+        if fig.png is not None:
+            data = base64.b64encode(Path(fig.png).read_bytes()).decode("ascii")
+            out.append(f'<img alt="{e(fig.title)}" src="data:image/png;base64,{data}">')
+        else:
+            out.append('<p class="missing">not drawn</p>')
+        out.append(f"<figcaption>{e(fig.caption)}</figcaption></figure>")
+    out.append("<h2>Runs</h2><table><tr><th>run</th><th>study</th><th>status</th><th>steps</th><th>device</th>"
+               "<th>wall s</th><th>ms/step</th><th>note</th></tr>")
+    for r in map(_run_cells, runs):
+        out.append("<tr>" + "".join(f'<td class="num">{e(r[k])}</td>' if k in _NUMERIC else f"<td>{e(r[k])}</td>"
+                                    for k in _RUN_COLUMNS) + "</tr>")
+    out.append("</table></body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(tables: list[Table], figures: list[Figure], runs: list[dict], env: list[tuple[str, str]],
+                    warnings: list[str], root: Path) -> str:
+    out = ["# The CIFAR-10 study, reproduced by cifarlab", ""]
+    for warning in warnings:
+        out += [f"> **{warning}**", ""]
+    out += ["## Environment", "", "| | |", "|---|---|", *(f"| {k} | {_md_cell(v)} |" for k, v in env), ""]
+    for table in tables:
+        out += [f"## {table.title}", "", table.caption, "", "| experiment | seed | ours | difference | note |",
+                "|---|---:|---:|---:|---|"]
+        out += [f"| {_md_cell(r.experiment)} | {_fmt(r.seed)} | {_fmt(r.ours)} | {_fmt(r.difference, True)} | "
+                f"{_md_cell(r.note)} |" for r in table.rows]
+        out.append("")
+        out += [f"Note {i}: {note}\n" for i, note in enumerate(table.notes, 1)]
+    out += ["## Figures", ""]
+    for fig in figures:
+        out.append(f"### {fig.title}")
+        out.append("")
+        if fig.png is not None:
+            out += [f"![{fig.title}]({Path(fig.png).relative_to(root).as_posix()})", ""]
+        out += [fig.caption, ""]
+    out += ["## Runs", "", "| run | study | status | steps | device | wall s | ms/step | note |",
+            "|---|---|---|---:|---|---:|---:|---|"]
+    for r in map(_run_cells, runs):
+        out.append("| " + " | ".join(_md_cell(r[k]) for k in _RUN_COLUMNS) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_report(root: str | Path) -> tuple[Path, Path]:
+    """Draw the figures into DIR/figures/ and write DIR/report.html and DIR/report.md."""
+    data = ReportData(Path(root))
+    folder = data.root / FIGURE_DIR
+    tables, figures = build_tables(data), build_figures(data, folder)
+    runs, env = run_rows(data), environment(data)
+    warnings = [w for w in (scale_warning(data.step_scales()), settings_warning(data.state.get("overrides", {})))
+                if w]
+    html_path, md_path = data.root / "report.html", data.root / "report.md"
+    write_text(html_path, render_html(tables, figures, runs, env, warnings))
+    write_text(md_path, render_markdown(tables, figures, runs, env, warnings, data.root))
+    return html_path, md_path

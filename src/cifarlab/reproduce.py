@@ -1,0 +1,410 @@
+"""`cifarlab reproduce`: every run of the report (its presets), the analysis its tables need,
+then the report.
+
+Each preset trains into DIR/<preset>/. A finished run is skipped and an interrupted one resumed
+from its last.pt, so a second call costs nothing; what happened to each run is kept in
+DIR/reproduce.json, which `cifarlab report` reads beside the runs themselves.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from cifarlab import CifarlabError, __version__
+from cifarlab.config import Config, load_config
+from cifarlab.fileio import read_json, write_json
+from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
+
+# The report's three studies, by the name --only takes.
+GROUPS = {"study1": "classifier", "study2": "siamese", "study3": "transfer"}
+STATE_FILE = "reproduce.json"
+# Settings that say where and how a run runs, not what it is: a run is resumed under this call's.
+WHERE_AND_HOW = ("data", "device", "tensorboard", "cuda_graph")
+NOT_IDENTITY = {"steps", "distributed", *WHERE_AND_HOW}
+
+
+@dataclass
+class PlannedRun:
+    preset: Preset
+    config: Config
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.preset.name
+
+
+def parse_only(only: str | None) -> list[str]:
+    if not only:
+        return list(GROUPS)
+    chosen = [part.strip() for part in only.split(",") if part.strip()]
+    unknown = [c for c in chosen if c not in GROUPS]
+    if unknown or not chosen:
+        raise CifarlabError(f"--only takes a comma-separated subset of {', '.join(GROUPS)} (got {only!r})")
+    return [g for g in GROUPS if g in chosen]
+
+
+def scaled_config(preset: Preset, scale: float, max_evals: int | None = None, **changes) -> Config:
+    """The preset's config with its step counts (steps, eval and checkpoint intervals, the refine
+    step K) multiplied by `scale`; `max_evals` caps how many evaluations a run makes."""
+    cfg = preset.config(**changes)
+    if scale == 1 and not max_evals:
+        return cfg
+
+    def scaled(n: int) -> int:
+        return max(1, round(n * scale))
+
+    steps = scaled(cfg.steps)
+    eval_every = scaled(cfg.eval_every)
+    if max_evals:
+        eval_every = max(eval_every, math.ceil(steps / max_evals))
+    refine_after = cfg.refine_after if cfg.refine_after <= 0 else scaled(cfg.refine_after)
+    return cfg.replace(steps=steps, eval_every=min(eval_every, steps),
+                       checkpoint_every=min(scaled(cfg.checkpoint_every), steps), refine_after=refine_after)
+
+
+def plan(out: Path, only: list[str], scale: float, max_evals: int | None = None, data: str = "",
+         device: str = "auto", transfer_backbone: str | None = None,
+         backbone_weights: str | None = None, overrides: dict | None = None) -> list[PlannedRun]:
+    if not (0 < scale <= 100) or not math.isfinite(scale):
+        raise CifarlabError(f"--steps-scale must be in (0, 100] (got {scale})")
+    studies = {GROUPS[g] for g in only}
+    runs = []
+    for preset in all_presets():
+        if preset.study not in studies:
+            continue
+        changes = {"data": data, "device": device, **(overrides or {})}
+        if preset.study == "transfer":
+            if transfer_backbone:
+                changes["backbone"] = transfer_backbone
+            if backbone_weights:
+                changes["backbone_weights"] = backbone_weights
+        runs.append(PlannedRun(preset, scaled_config(preset, scale, max_evals, **changes), out / preset.name))
+    return runs
+
+
+def weights_problem(cfg: Config, progress: bool = True) -> str | None:
+    """Why the backbone weights of a transfer run cannot be had (None when they can)."""
+    if cfg.study != "transfer":
+        return None
+    from cifarlab.backbones import lite0_weights_path, vgg16_weights_path
+
+    try:
+        if cfg.backbone == "vgg16":
+            vgg16_weights_path(cfg.backbone_weights, download=True, progress=progress)
+        else:
+            lite0_weights_path(cfg.backbone_weights)
+    except CifarlabError as err:
+        return str(err)
+    return None
+
+
+def run_state(run: PlannedRun) -> str:
+    """'new', 'finished', 'resume' or 'restart' (it began but left nothing to resume from)."""
+    path = run.path
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return "new"
+    if not (path / "config.toml").is_file():
+        raise CifarlabError(f"{path}: exists but is not a cifarlab run; move it away or choose another --out")
+    have = load_config(path / "config.toml")
+    differ = [f.name for f in fields(Config) if f.name not in NOT_IDENTITY
+              and getattr(have, f.name) != getattr(run.config, f.name)]
+    if have.steps > run.config.steps:
+        differ.insert(0, "steps")
+    if differ:
+        what = ", ".join(f"{k} {getattr(have, k)!r} (now {getattr(run.config, k)!r})" for k in differ)
+        raise CifarlabError(f"{path} was trained with other settings: {what}; use another --out, "
+                            f"or move that run away to train it anew")
+    summary = read_json(path / "summary.json")
+    if summary.get("steps") == run.config.steps and have.steps == run.config.steps:
+        return "finished"
+    if (path / "checkpoints" / "last.pt").is_file():
+        return "resume"
+    return "restart"
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target, n = path.with_name(f"{path.name}.incomplete-{stamp}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.incomplete-{stamp}-{n}")
+    path.rename(target)
+    return target
+
+
+def _one_line(err: BaseException) -> str:
+    """A run's failure for the report: a CifarlabError's own line, else the exception and where."""
+    if isinstance(err, CifarlabError):
+        return str(err)
+    where = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
+    at = f" (at {Path(where[0].filename).name}:{where[0].lineno})" if where else ""
+    return f"{type(err).__name__}: {err}{at}"
+
+
+def train_one(config: dict, path: str, resume: bool, threads: int | None = None, progress: bool = False,
+              data=None) -> dict:
+    """Train (or resume) one run; the unit of work of a worker process, so it takes plain values.
+    A resumed run keeps its settings but runs where and how this call says (data, device...)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from cifarlab.train import train
+
+    cfg = Config.from_dict(config)
+    if resume:
+        overrides = {"steps": cfg.steps, **{key: getattr(cfg, key) for key in WHERE_AND_HOW}}
+        _, summary = train(cfg, resume=path, overrides=overrides, progress=progress, data=data)
+    else:
+        _, summary = train(cfg, out=path, progress=progress, data=data)
+    return summary
+
+
+# Worker processes: Ctrl-C reaches them too. While a run trains, the engine catches it, saves and
+# stops; before that (loading data, building a feature cache) it raises KeyboardInterrupt in the
+# run; between runs it only marks the worker as stopping, so no worker dies idle (which would break
+# the pool) and no new run starts.
+_worker_busy = False
+_worker_stopping = False
+
+
+def _worker_sigint(signum, frame) -> None:
+    global _worker_stopping
+    _worker_stopping = True
+    if _worker_busy:
+        raise KeyboardInterrupt
+
+
+def _worker_init() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, _worker_sigint)
+
+
+def _worker(config: dict, path: str, resume: bool, threads: int | None) -> tuple[str, str]:
+    """Runs in a spawned process; returns (status, note) and never raises."""
+    global _worker_busy
+    from cifarlab.engine import TrainingInterrupted
+
+    if _worker_stopping:
+        return "interrupted", "not started: interrupted"
+    _worker_busy = True
+    try:
+        train_one(config, path, resume, threads)
+        return "finished", "resumed" if resume else "trained"
+    except (TrainingInterrupted, KeyboardInterrupt) as err:
+        return "interrupted", str(err) or "interrupted"
+    except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
+        return "failed", _one_line(err)
+    finally:
+        _worker_busy = False
+
+
+def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=None,
+            log=print) -> dict[str, dict]:
+    """Train what is not finished, `jobs` runs at a time; returns {preset: record}.
+
+    A run that fails is recorded with its reason and the others go on; Ctrl-C stops the lot
+    (the runs in progress save first) with a CifarlabError that says how to go on.
+    """
+    from cifarlab.engine import TrainingInterrupted
+
+    records: dict[str, dict] = {}
+    todo: list[tuple[PlannedRun, bool]] = []
+    weights: dict[tuple[str, str], str | None] = {}  # checked once per backbone, only for runs to train
+    for run in runs:
+        state = run_state(run)
+        if state == "finished":
+            records[run.name] = {"status": "finished", "note": "already finished: skipped"}
+            log(f"  {run.name:<26} already finished")
+            continue
+        if run.config.study == "transfer":
+            key = (run.config.backbone, run.config.backbone_weights)
+            if key not in weights:
+                weights[key] = weights_problem(run.config, progress)
+            if weights[key] is not None:
+                records[run.name] = {"status": "skipped", "note": f"backbone weights unavailable: {weights[key]}"}
+                log(f"  {run.name:<26} skipped: backbone weights unavailable")
+                continue
+        if state == "restart":
+            moved = _move_aside(run.path)
+            log(f"  {run.name:<26} had started without a checkpoint; moved to {moved.name}, starting anew")
+        todo.append((run, state == "resume"))
+        log(f"  {run.name:<26} {'resume' if state == 'resume' else 'train'} ({run.config.steps} steps)")
+    if not todo:
+        return records
+    jobs = max(1, min(jobs, len(todo)))
+    if jobs > 1:
+        return {**records, **_execute_parallel(todo, jobs, progress, log)}
+    for run, resume in todo:
+        try:
+            train_one(run.config.to_dict(), str(run.path), resume, progress=progress, data=data)
+            records[run.name] = {"status": "finished", "note": "resumed" if resume else "trained"}
+        except TrainingInterrupted as err:  # Ctrl-C stops reproduce as a whole
+            raise CifarlabError(f"{err}. Run the same `cifarlab reproduce` again to go on") from None
+        except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
+            records[run.name] = {"status": "failed", "note": _one_line(err)}
+            log(f"  {run.name} failed: {_one_line(err)}")
+    return records
+
+
+def _execute_parallel(todo, jobs: int, progress: bool, log) -> dict[str, dict]:
+    """Separate processes: each run has its own CUDA context (or CPU threads) and fails alone.
+
+    A run is handed to the pool only when a worker is free, so after Ctrl-C no queued run starts.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    records: dict[str, dict] = {}
+    queue = list(todo)
+    interrupted = False
+    bar = tqdm(total=len(todo), desc=f"runs ({jobs} at a time)", unit="run", disable=not progress)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init) as pool:
+        running: dict = {}
+        while queue or running:
+            while queue and len(running) < jobs and not interrupted:
+                run, resume = queue.pop(0)
+                running[pool.submit(_worker, run.config.to_dict(), str(run.path), resume, threads)] = (run, resume)
+            if not running:
+                break
+            try:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:  # the workers got it too: they save and stop at their next step
+                interrupted = True
+                continue
+            for fut in done:
+                run, _ = running.pop(fut)
+                try:
+                    status, note = fut.result()
+                except Exception as err:  # noqa: BLE001 - the worker process died (killed, out of memory)
+                    status, note = "failed", f"its worker process died: {_one_line(err)}"
+                if status == "interrupted":
+                    interrupted = True
+                    continue
+                records[run.name] = {"status": status, "note": note}
+                if status == "failed":
+                    log(f"  {run.name} failed: {note}")
+                bar.set_postfix_str(f"{run.name} {status}", refresh=False)
+                bar.update(1)
+    bar.close()
+    if interrupted:
+        raise CifarlabError("interrupted; the runs that had started saved their progress. "
+                            "Run the same `cifarlab reproduce` again to go on")
+    return records
+
+
+# --- analysis -----------------------------------------------------------------------------------
+
+def _latest_step(path: Path) -> int | None:
+    from cifarlab.runs import RunDir
+
+    steps = RunDir(path).weight_steps()
+    return steps[-1] if steps else None
+
+
+def _ovr_fresh(path: Path, layer: str, step: int) -> bool:
+    result = read_json(path / "analysis" / f"ovr-{layer}.json").get("results", {}).get("seed/linear-svm")
+    return bool(result) and result.get("checkpoint") == step
+
+
+def _tsne_fresh(path: Path, layer: str, step: int, points: int) -> bool:
+    """Coordinates exist for this checkpoint with exactly `points` points."""
+    import json
+
+    import numpy as np
+
+    try:
+        with np.load(path / "analysis" / f"tsne-{layer}.npz") as npz:
+            meta = json.loads(str(npz["meta"]))
+    except (OSError, ValueError, KeyError):
+        return False
+    return meta.get("checkpoint") == step and meta.get("points") == points
+
+
+ANALYSES = {  # preset -> layers its tables and figures need
+    REFERENCE_RUN: ("flatten", "fc1", "fc2"),
+    "siamese-exp1": ("embedding",), "siamese-exp2": ("embedding",), "siamese-exp3": ("embedding",),
+}
+
+
+def analyse(out: Path, records: dict[str, dict], tsne_points: int, progress: bool = True, log=print) -> None:
+    """OvR (seed protocol) and t-SNE (`tsne_points` test images) on the layers the report looks
+    at, skipped when up to date. A failure is recorded in the run's record, not raised."""
+    from cifarlab.analysis import run_ovr, run_tsne
+
+    for name, layers in ANALYSES.items():
+        path = out / name
+        if records.get(name, {}).get("status") != "finished":
+            continue
+        step = _latest_step(path)
+        if step is None:
+            continue
+        try:
+            stale = [layer for layer in layers if not _ovr_fresh(path, layer, step)]
+            if stale:
+                for row in run_ovr(path, stale, protocol="seed", progress=progress):
+                    log(f"  {name:<26} OvR {row['layer']:<9} {row['accuracy']:.4f} ({row['fit_seconds']:.1f} s)")
+            if not all(_tsne_fresh(path, layer, step, tsne_points) for layer in layers):
+                res = run_tsne(path, list(layers), max_points=tsne_points, progress=progress)
+                log(f"  {name:<26} t-SNE of {res['points']} points: {', '.join(res['layers'])}")
+        except Exception as err:  # noqa: BLE001 - the report says why a number is missing
+            records[name]["analysis"] = f"analysis failed: {_one_line(err)}"
+            log(f"  {name:<26} analysis failed: {_one_line(err)}")
+
+
+# --- the whole thing ----------------------------------------------------------------------------
+
+def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None = None, only: str | None = None,
+              steps_scale: float = 1.0, jobs: int = 1, max_evals: int | None = None, device: str = "auto",
+              transfer_backbone: str | None = None, backbone_weights: str | None = None,
+              tsne_points: int = 10000, overrides: dict | None = None, progress: bool = True,
+              log=print) -> dict:
+    """Train, analyse, report. Returns the state written to DIR/reproduce.json."""
+    from cifarlab.data import load_cifar10
+    from cifarlab.report import write_report
+
+    if jobs < 1:
+        raise CifarlabError(f"--jobs must be >= 1 (got {jobs})")
+    if max_evals is not None and max_evals < 1:
+        raise CifarlabError(f"--max-evals must be >= 1 (got {max_evals})")
+    out = Path(out)
+    groups = parse_only(only)
+    runs = plan(out, groups, steps_scale, max_evals, str(data or ""), device, transfer_backbone, backbone_weights,
+                overrides)
+    dataset = load_cifar10(data, download=True, progress=progress)  # once, here: builds the cache for all runs
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_FILE
+    previous = read_json(state_path)
+    log(f"reproducing {', '.join(groups)} into {out} (steps x {steps_scale:g}, {jobs} job(s) at a time)")
+    start = time.perf_counter()
+    records = execute(runs, jobs, progress, data=dataset, log=log)
+    train_seconds = time.perf_counter() - start
+    analyse(out, records, min(tsne_points, len(dataset.test_labels)), progress, log)
+    state = {
+        "cifarlab_version": __version__,
+        "command": " ".join(["cifarlab", *sys.argv[1:]]) if sys.argv and "cifarlab" in sys.argv[0] else None,
+        "finished_at": dt.datetime.now().isoformat(timespec="seconds"),
+        "steps_scale": steps_scale, "only": groups, "overrides": overrides or {}, "jobs": jobs,
+        "max_evals": max_evals,
+        "data": {"layout": dataset.layout, "source": str(dataset.source), "checksum": dataset.checksum,
+                 "train": int(len(dataset.train_labels)), "test": int(len(dataset.test_labels))},
+        "wall_seconds": round(time.perf_counter() - start, 2), "train_seconds": round(train_seconds, 2),
+        "runs": {**previous.get("runs", {}), **records},
+    }
+    write_json(state_path, state)
+    html, md = write_report(out)
+    state["report"] = {"html": str(html), "md": str(md)}
+    return state

@@ -1,0 +1,278 @@
+"""`cifarlab reproduce` and `cifarlab report` on tiny image folders: planning, skipping, resuming,
+parallel runs, the report's tables and figures, and the page in a real (headless) browser."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cifarlab import CifarlabError
+from cifarlab.config import Config, parse_settings
+from cifarlab.presets import load_preset
+from cifarlab.reproduce import parse_only, plan, reproduce, run_state, scaled_config
+from cifarlab.train import train
+from conftest import make_image_folders
+
+# Tiny runs: 6 ConvNet steps, 20 Siamese steps, small batches (30 images per class and split).
+QUICK = dict(steps_scale=0.0004, max_evals=2, device="cpu", tsne_points=120, progress=False,
+             overrides={"batch_size": 16, "val_tuples": 10, "tensorboard": False})
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    """study1 + study2 reproduced once (with its own cache folder), and the log it printed."""
+    root = tmp_path_factory.mktemp("reproduce")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIFARLAB_CACHE", str(root / "cache"))
+        data = make_image_folders(root / "data", 30)
+        log = []
+        state = reproduce(root / "out", data=data, only="study1,study2", log=log.append, **QUICK)
+    return root / "out", data, state, log
+
+
+def test_scaling_multiplies_every_step_count():
+    cfg = scaled_config(load_preset("classifier-b128"), 0.02)
+    assert (cfg.steps, cfg.eval_every, cfg.checkpoint_every) == (300, 20, 100)
+    assert scaled_config(load_preset("transfer-refine-1000"), 0.02).refine_after == 20
+    assert scaled_config(load_preset("transfer-features"), 0.02).refine_after == -1  # never stays never
+    assert scaled_config(load_preset("transfer-refine"), 0.02).refine_after == 0  # from the start stays
+    assert scaled_config(load_preset("siamese-exp1"), 0.02, max_evals=5).eval_every == 200  # 1,000 steps / 5
+    assert scaled_config(load_preset("classifier-b64"), 1.0) == load_preset("classifier-b64").config()
+
+
+def test_only_and_set_are_checked(tmp_path):
+    assert parse_only("study3,study1") == ["study1", "study3"]
+    with pytest.raises(CifarlabError, match="subset of study1, study2, study3"):
+        parse_only("study4")
+    assert parse_settings(["batch_size=32", "precision=bf16", "lr=3e-4"]) == {
+        "batch_size": 32, "precision": "bf16", "lr": 3e-4}
+    with pytest.raises(CifarlabError, match="batch_size should be int"):
+        parse_settings(["batch_size=many"])
+    with pytest.raises(CifarlabError, match="unknown setting"):
+        parse_settings(["batch=3"])
+    with pytest.raises(CifarlabError, match="KEY=VALUE"):
+        parse_settings(["batch_size"])
+    with pytest.raises(CifarlabError, match="torchrun"):
+        parse_settings(["distributed=true"])
+    names = [r.name for r in plan(tmp_path, ["study2"], 1.0)]
+    assert names == ["siamese-exp1", "siamese-exp2", "siamese-exp3"]
+
+
+def test_every_preset_runs_and_is_analysed(reproduced):
+    out, _, state, log = reproduced
+    runs = [r.name for r in plan(out, ["study1", "study2"], 1.0)]
+    assert len(runs) == 12 and set(state["runs"]) == set(runs)
+    for name in runs:
+        assert state["runs"][name] == {"status": "finished", "note": "trained"}
+        summary = json.loads((out / name / "summary.json").read_text())
+        steps = 20 if name.startswith("siamese") else 6
+        assert summary["steps"] == steps and not (out / name / "tb").exists()
+        evals = {r for r in (out / name / "metrics.csv").read_text().splitlines()[1:] if ",test," in r}
+        assert len(evals) == 2  # --max-evals 2
+    for layer in ("flatten", "fc1", "fc2"):
+        ovr = json.loads((out / "classifier-b128" / "analysis" / f"ovr-{layer}.json").read_text())
+        assert 0 <= ovr["results"]["seed/linear-svm"]["accuracy"] <= 1
+        assert (out / "classifier-b128" / "analysis" / f"tsne-{layer}.npz").is_file()
+    for exp in ("siamese-exp1", "siamese-exp2", "siamese-exp3"):
+        assert (out / exp / "analysis" / "ovr-embedding.json").is_file()
+        assert (out / exp / "analysis" / "tsne-embedding.npz").is_file()
+    assert state["steps_scale"] == 0.0004 and state["data"]["layout"] == "image-folder"
+
+
+def test_running_it_again_costs_nothing(reproduced):
+    out, data, _, _ = reproduced
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "report" not in p.name
+              and p.parent.name != "figures" and p.name != "reproduce.json"}
+    log = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIFARLAB_CACHE", str(out.parent / "cache"))
+        state = reproduce(out, data=data, only="study1,study2", log=log.append, **QUICK)
+    assert all(r["note"] == "already finished: skipped" for r in state["runs"].values())
+    assert not any("OvR" in line or "t-SNE" in line for line in log)  # analysis was up to date too
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert after == before
+
+
+def test_the_report_puts_ours_beside_the_seeds(reproduced):
+    out, _, _, _ = reproduced
+    md = (out / "report.md").read_text()
+    assert "QUICK VERSION: step counts are scaled: ConvNet runs x0.0004 (6 instead of 15,000 steps); " \
+           "Siamese runs x0.0004 (20 instead of 50,000 steps)" in md
+    b128 = json.loads((out / "classifier-b128" / "summary.json").read_text())["final_test_accuracy"]
+    row = next(line for line in md.splitlines() if line.startswith("| Section 1 (Figure 1), batch 128"))
+    assert f"| 0.7503 | {b128:.4f} | {b128 - 0.7503:+.4f} |" in row
+    fc2 = json.loads((out / "classifier-b128" / "analysis" / "ovr-fc2.json").read_text())
+    assert f"| fc2 features | 0.7685 | {fc2['results']['seed/linear-svm']['accuracy']:.4f} |" in md
+    assert "the report gives no number for this run" in md  # batch 128, weight decay 0.005
+    transfer = [line for line in md.splitlines() if line.startswith("| Section 3.3")]
+    assert len(transfer) == 5 and all("not run (left out by --only)" in line for line in transfer)
+    assert "Every run was trained with settings changed from the report's: batch_size=16" in md
+    for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11):
+        assert f"![Figure {n}](figures/figure-{n}.png)" in md and (out / "figures" / f"figure-{n}.png").is_file()
+    html = (out / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 11 and "figures/" not in html  # self-contained
+    assert "Transfer" in html and "not drawn" in html  # no transfer runs: said, not drawn
+
+
+def test_interrupted_runs_resume_and_foreign_ones_are_refused(tmp_path):
+    data = make_image_folders(tmp_path / "data", 4)
+    out = tmp_path / "out"
+    quick = dict(QUICK, overrides={"batch_size": 8, "tensorboard": False}, max_evals=None)
+    (planned,) = [r for r in plan(out, ["study1"], quick["steps_scale"], None, str(data), "cpu",
+                                  overrides=quick["overrides"]) if r.name == "classifier-b64"]
+    assert run_state(planned) == "new"
+    train(planned.config.replace(steps=4), out=planned.path, progress=False)  # as if stopped at step 4
+    assert run_state(planned) == "resume"
+    other = out / "classifier-b128"
+    train(Config.for_study("classifier", steps=2, batch_size=8, lr=1e-3, data=str(data), device="cpu",
+                           tensorboard=False), out=other, progress=False)
+    with pytest.raises(CifarlabError, match=r"classifier-b128 was trained with other settings: .*lr 0.001"):
+        reproduce(out, data=data, only="study1", **quick)
+    shutil.rmtree(other)
+    (out / "classifier-b128").mkdir()
+    # the same settings as planned (the override makes both batch sizes 8), but no checkpoint
+    (out / "classifier-b128" / "config.toml").write_text((out / "classifier-b64" / "config.toml").read_text())
+    state = reproduce(out, data=data, only="study1", **{**quick, "tsne_points": 30})
+    assert state["runs"]["classifier-b64"]["note"] == "resumed"
+    steps = [int(line.split(",")[0]) for line in (out / "classifier-b64" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps[-1] == 6 and json.loads((out / "classifier-b64" / "summary.json").read_text())["steps"] == 6
+    # a run that began without leaving a checkpoint is kept aside, not overwritten
+    assert any(p.name.startswith("classifier-b128.incomplete-") for p in out.iterdir())
+
+
+def test_missing_backbone_weights_skip_the_transfer_runs(tmp_path, monkeypatch):
+    import cifarlab.backbones as backbones
+
+    monkeypatch.setattr(backbones, "VGG16_URL", (tmp_path / "nowhere" / backbones.VGG16_FILE).as_uri())
+    data = make_image_folders(tmp_path / "data", 2)
+    state = reproduce(tmp_path / "out", data=data, only="study3", **QUICK)
+    assert {r["status"] for r in state["runs"].values()} == {"skipped"}
+    assert "could not download" in state["runs"]["transfer-features"]["note"]
+    assert not any((tmp_path / "out" / name).exists() for name in state["runs"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.count("skipped: see note 1 below") == 5 and "Note 1: skipped: backbone weights unavailable" in md
+
+
+def test_jobs_train_runs_in_parallel_processes(tmp_path):
+    data = make_image_folders(tmp_path / "data", 30)
+    state = reproduce(tmp_path / "out", data=data, only="study2", jobs=2, **{**QUICK, "steps_scale": 0.0002})
+    assert [r["status"] for r in state["runs"].values()] == ["finished"] * 3
+    threads = max(1, (os.cpu_count() or 1) // 2)  # the workers split the cores
+    for exp in ("siamese-exp1", "siamese-exp2", "siamese-exp3"):
+        summary = json.loads((tmp_path / "out" / exp / "summary.json").read_text())
+        assert summary["steps"] == 10 and f"cpu ({threads} threads" in summary["device"]
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
+    import cifarlab.reproduce as rep
+
+    real = rep.train_one
+
+    def train_one(config, path, resume, **kw):
+        if path.endswith("classifier-b64-wd0.01"):
+            raise RuntimeError("out of memory")
+        if path.endswith("classifier-b64-wd0.005"):
+            raise CifarlabError("a clear reason")
+        return real(config, path, resume, **kw)
+
+    monkeypatch.setattr(rep, "train_one", train_one)
+    data = make_image_folders(tmp_path / "data", 4)
+    quick = dict(QUICK, overrides={"batch_size": 8, "tensorboard": False}, tsne_points=30)
+    state = reproduce(tmp_path / "out", data=data, only="study1", **quick)
+    assert state["runs"]["classifier-b64-wd0.01"] == {
+        "status": "failed", "note": "RuntimeError: out of memory (at test_reproduce.py:%d)" % (
+            train_one.__code__.co_firstlineno + 2)}
+    assert state["runs"]["classifier-b64-wd0.005"] == {"status": "failed", "note": "a clear reason"}
+    assert sum(r["status"] == "finished" for r in state["runs"].values()) == 7
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| failed: a clear reason |" in md
+
+
+def test_ctrl_c_stops_reproduce_and_the_next_call_resumes(tmp_path, monkeypatch):
+    import signal
+
+    import cifarlab.engine as engine
+
+    data = make_image_folders(tmp_path / "data", 4)
+    quick = dict(QUICK, overrides={"batch_size": 8, "tensorboard": False}, tsne_points=30, max_evals=None,
+                 steps_scale=0.0008)  # 12 steps, checkpoints every 4
+    real_run = engine.StepRunner.run
+
+    def run(self, step):
+        if step == 6:  # as if the user pressed Ctrl-C during step 6 of the first run
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_run(self, step)
+
+    monkeypatch.setattr(engine.StepRunner, "run", run)
+    with pytest.raises(CifarlabError, match="interrupted at step 7.*Run the same `cifarlab reproduce` again"):
+        reproduce(tmp_path / "out", data=data, only="study1", **quick)
+    first = tmp_path / "out" / "classifier-b128"
+    assert not (first / "summary.json").exists() and (first / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "out" / "classifier-b64").exists()  # nothing after the interrupted run started
+    monkeypatch.setattr(engine.StepRunner, "run", real_run)
+    state = reproduce(tmp_path / "out", data=data, only="study1", **quick)
+    assert state["runs"]["classifier-b128"]["note"] == "resumed"
+    assert json.loads((first / "summary.json").read_text())["steps"] == 12
+    steps = [int(line.split(",")[0]) for line in (first / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(steps) and steps[-1] == 12
+
+
+# --- the page in a real browser -------------------------------------------------------------------
+
+CHECK_SCRIPT = """<script>
+window.__errors = [];
+window.addEventListener("error", e => window.__errors.push(String(e.message || (e.target && e.target.src) || "error")), true);
+const __consoleError = console.error;
+console.error = (...a) => { window.__errors.push(a.join(" ")); __consoleError(...a); };
+window.addEventListener("load", () => {
+  const images = [...document.images];
+  const broken = images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  document.body.setAttribute("data-check", JSON.stringify({images: images.length, broken, errors: window.__errors}));
+});
+</script>"""
+
+
+def chromium():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run installs Debian's chromium")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return path
+
+
+def browse(page: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--enable-logging=stderr", "--v=0"]
+    return subprocess.run([chromium(), *flags, *args, page.as_uri()], capture_output=True, text=True, timeout=120)
+
+
+def test_report_loads_in_a_real_browser(reproduced, tmp_path):
+    out, _, _, _ = reproduced
+    html = (out / "report.html").read_text()
+    probe = tmp_path / "probe.html"  # the report with a check that runs on load
+    probe.write_text(html.replace("<head>", "<head>" + CHECK_SCRIPT, 1))
+    res = browse(probe, tmp_path, "--dump-dom")
+    match = re.search(r'data-check="([^"]*)"', res.stdout)
+    assert match, f"the page did not finish loading: {res.stderr[-2000:]}"
+    check = json.loads(match.group(1).replace("&quot;", '"'))
+    assert check == {"images": 11, "broken": [], "errors": []}
+    assert "Uncaught" not in res.stderr and "Failed to load resource" not in res.stderr
+    shot = tmp_path / "report.png"
+    res = browse(out / "report.html", tmp_path, f"--screenshot={shot}", "--window-size=1280,2000",
+                 "--hide-scrollbars")
+    assert shot.is_file() and shot.stat().st_size > 50_000, res.stderr[-2000:]
+
+
+def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
+    from cifarlab.report import write_report
+
+    with pytest.raises(CifarlabError, match="holds no preset runs"):
+        write_report(tmp_path)
+    with pytest.raises(CifarlabError, match="no such folder"):
+        write_report(tmp_path / "missing")
