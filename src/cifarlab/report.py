@@ -298,7 +298,8 @@ def environment(data: ReportData) -> list[tuple[str, str]]:
             ("cifarlab", ", ".join(versions) or __version__) ]
     d = data.state.get("data")
     if d:
-        info.append(("data", f"{d['layout']} layout ({d.get('source', '?')}), {d['train']:,} train / "
+        source = f" ({d['source']})" if d.get("source") else ""
+        info.append(("data", f"{d['layout']} layout{source}, {d['train']:,} train / "
                              f"{d['test']:,} test images; checksum: {d['checksum']}"))
     if data.state.get("overrides"):
         info.append(("changed for every run", changed_settings(data.state["overrides"])))
