@@ -96,3 +96,14 @@ def test_the_feature_cache_is_used_only_when_it_saves_backbone_work():
     assert not TransferTask.cache_pays(full.replace(refine_after=100), 50000, 60000)  # 12,800 images < 60,000
     assert TransferTask.cache_pays(full.replace(refine_after=1000), 50000, 60000)
     assert not TransferTask.cache_pays(full.replace(refine_after=0), 50000, 60000)
+
+
+def test_features_of_a_transfer_run_are_pool5_and_the_head(tmp_path, data):
+    from cifarlab.analysis import load_features
+
+    run, _ = train(transfer_cfg(steps=2, eval_every=2, checkpoint_every=2), out=str(tmp_path / "run"),
+                   progress=False, data=data)
+    feats = load_features(run.path, None, "test", data=data, progress=False)
+    assert list(feats.layers) == ["pool5", "fc1", "fc2"]
+    assert [x.shape[1] for x in feats.layers.values()] == [1280, 384, 192]  # Lite0's pooled width, the head's
+    assert all(len(x) == len(data.test_labels) for x in feats.layers.values())
