@@ -125,3 +125,14 @@ def test_siamese_trains_from_the_command_line(tmp_path):
     config = (run / "config.toml").read_text()
     assert 'study = "siamese"' in config and 'sampler = "random"' in config and 'loss = "report2"' in config
     assert [line.split(",")[1] for line in (run / "metrics.csv").read_text().splitlines()[1:]] == ["train", "val", "test"]
+
+
+def test_reproduce_and_report_give_one_line_errors(tmp_path):
+    res = cifarlab("reproduce", "--only", "study9", "--out", tmp_path / "out")
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "error: --only takes a comma-separated subset of study1, study2, study3 (got 'study9')")
+    assert not (tmp_path / "out").exists()
+    res = cifarlab("reproduce", "--set", "batch_size=lots", "--out", tmp_path / "out")
+    assert res.returncode == 2 and "batch_size should be int" in res.stderr
+    res = cifarlab("report", tmp_path)
+    assert res.returncode == 2 and "holds no preset runs" in res.stderr and len(res.stderr.splitlines()) == 1
