@@ -114,6 +114,29 @@ def features_path(run: RunDir, split: str) -> Path:
     return run.path / "features" / f"{split}.npz"
 
 
+def tsne_path(run_path: Path, layer: str) -> Path:
+    return Path(run_path) / "analysis" / f"tsne-{layer}.npz"
+
+
+def ovr_path(run_path: Path, layer: str) -> Path:
+    return Path(run_path) / "analysis" / f"ovr-{layer}.json"
+
+
+def read_tsne(run_path: Path, layer: str) -> dict | None:
+    """What `run_tsne` wrote for `layer` (coords, labels, rows, meta), or None if it has not."""
+    try:
+        with np.load(tsne_path(run_path, layer)) as npz:
+            return {"coords": npz["coords"], "labels": npz["labels"], "rows": npz["rows"],
+                    "meta": json.loads(str(npz["meta"]))}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def read_ovr(run_path: Path, layer: str, protocol: str = "seed", classifier: str = "linear-svm") -> dict | None:
+    """The result `run_ovr` recorded for `layer` under that protocol and classifier, or None."""
+    return read_json(ovr_path(run_path, layer)).get("results", {}).get(f"{protocol}/{classifier}")
+
+
 def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise CifarlabError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
@@ -321,7 +344,7 @@ def run_tsne(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None
                 "perplexity": perplexity, "seed": seed, "points": len(rows), "input_dims": int(x.shape[1]),
                 "pca_dims": PCA_DIMS if x.shape[1] > PCA_DIMS else None, "seconds": round(seconds, 3),
                 "classes": list(feats.classes)}
-        coords_path = run.path / "analysis" / f"tsne-{name}.npz"
+        coords_path = tsne_path(run.path, name)
         write_with(coords_path, lambda tmp: np.savez(tmp, coords=coords, labels=labels, rows=rows,
                                                      meta=np.array(json.dumps(meta))))
         title = f"{run.name}: {name} ({x.shape[1]}-d), step {feats.checkpoint}"
@@ -470,7 +493,7 @@ def run_ovr(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None 
                   "seed": seed, "checkpoint": test.checkpoint, **result,
                   "per_class_accuracy": dict(zip(test.classes, result["per_class_accuracy"])),
                   "created": dt.datetime.now().isoformat(timespec="seconds")}
-        json_path = run.path / "analysis" / f"ovr-{name}.json"
+        json_path = ovr_path(run.path, name)
         record = read_json(json_path)
         record.update(run=run.name, layer=name, classes=list(test.classes))
         record.setdefault("results", {})[f"{protocol}/{classifier}"] = result

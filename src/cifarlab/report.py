@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,24 +78,30 @@ class ReportData:
                 f"{self.root}: holds no preset runs (DIR/<preset>/config.toml) and no reproduce.json; "
                 f"run `cifarlab reproduce --out {self.root}` first"
             )
-
-    def summary(self, name: str) -> dict:
-        return read_json(self.root / name / "summary.json")
-
-    def config(self, name: str) -> dict:
+        # Each run's files are read once: the tables, figures and run list all look at them.
         from cifarlab.config import read_toml
 
-        path = self.root / name / "config.toml"
-        return read_toml(path) if path.is_file() else {}
+        self._summaries = {n: read_json(self.root / n / "summary.json") for n in self.present}
+        self._configs = {n: read_toml(self.root / n / "config.toml") for n in self.present}
+        self._metrics: dict[str, list[dict]] = {}
+
+    def summary(self, name: str) -> dict:
+        return self._summaries.get(name, {})
+
+    def config(self, name: str) -> dict:
+        return self._configs.get(name, {})
 
     def metrics(self, name: str) -> list[dict]:
         from cifarlab.runs import RunDir
 
-        return RunDir(self.root / name).read_metrics()
+        if name not in self._metrics:
+            self._metrics[name] = RunDir(self.root / name).read_metrics()
+        return self._metrics[name]
 
     def ovr(self, name: str, layer: str) -> dict | None:
-        record = read_json(self.root / name / "analysis" / f"ovr-{layer}.json")
-        return record.get("results", {}).get("seed/linear-svm")
+        from cifarlab.analysis import read_ovr
+
+        return read_ovr(self.root / name, layer)
 
     def why_missing(self, name: str) -> str:
         """Why preset `name` has no result: skipped, failed, unfinished or not run."""
@@ -233,7 +238,7 @@ _ORDER = ["Figure 1", "Figure 2", "Figure 3", "Figure 4", "Figure 5", "Figure 6"
 
 
 def build_figures(data: ReportData, folder: Path) -> list[Figure]:
-    from cifarlab.analysis import plot_tsne
+    from cifarlab.analysis import plot_tsne, read_tsne
     from cifarlab.plots import plot_curves
 
     figures = []
@@ -249,19 +254,16 @@ def build_figures(data: ReportData, folder: Path) -> list[Figure]:
     for title, caption, parts in TSNE_FIGURES:
         panels, labels, classes, notes = [], None, None, []
         for name, layer in parts:
-            try:
-                with np.load(data.root / name / "analysis" / f"tsne-{layer}.npz") as npz:
-                    coords, rows, lab = npz["coords"], npz["rows"], npz["labels"]
-                    meta = json.loads(str(npz["meta"]))
-            except (OSError, KeyError, ValueError):
+            tsne = read_tsne(data.root / name, layer)
+            if tsne is None:
                 notes.append(f"{name} {layer}: " + (data.why_missing(name) if not data.summary(name)
                                                       else "no t-SNE yet (`cifarlab tsne`)"))
                 continue
-            if labels is not None and (len(rows) != len(labels) or not np.array_equal(lab, labels)):
+            if labels is not None and (len(tsne["rows"]) != len(labels) or not np.array_equal(tsne["labels"], labels)):
                 notes.append(f"{name} {layer}: embedded other points than the first panel; redo its t-SNE")
                 continue
-            labels, classes = lab, meta["classes"]
-            panels.append((f"{name}: {layer}" if len({n for n, _ in parts}) > 1 else layer, coords))
+            labels, classes = tsne["labels"], tsne["meta"]["classes"]
+            panels.append((f"{name}: {layer}" if len({n for n, _ in parts}) > 1 else layer, tsne["coords"]))
         note = (" Missing: " + "; ".join(notes) + ".") if notes else ""
         png = plot_tsne(panels, labels, classes, folder / f"{_slug(title)}.png", title) if panels else None
         figures.append(Figure(title, caption + note, png, [n for n, _ in parts]))

@@ -316,22 +316,18 @@ def _latest_step(path: Path) -> int | None:
 
 
 def _ovr_fresh(path: Path, layer: str, step: int) -> bool:
-    result = read_json(path / "analysis" / f"ovr-{layer}.json").get("results", {}).get("seed/linear-svm")
+    from cifarlab.analysis import read_ovr
+
+    result = read_ovr(path, layer)
     return bool(result) and result.get("checkpoint") == step
 
 
 def _tsne_fresh(path: Path, layer: str, step: int, points: int) -> bool:
     """Coordinates exist for this checkpoint with exactly `points` points."""
-    import json
+    from cifarlab.analysis import read_tsne
 
-    import numpy as np
-
-    try:
-        with np.load(path / "analysis" / f"tsne-{layer}.npz") as npz:
-            meta = json.loads(str(npz["meta"]))
-    except (OSError, ValueError, KeyError):
-        return False
-    return meta.get("checkpoint") == step and meta.get("points") == points
+    tsne = read_tsne(path, layer)
+    return tsne is not None and tsne["meta"].get("checkpoint") == step and tsne["meta"].get("points") == points
 
 
 ANALYSES = {  # preset -> layers its tables and figures need
