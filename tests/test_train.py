@@ -165,3 +165,34 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     write_text(tmp_path / "t.txt", "x")
     for name in ("w.safetensors", "t.txt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_step_that_cannot_be_captured_trains_eagerly_with_the_same_results(tmp_path):
+    """A CUDA-graph capture that fails half-way (after its warm-up steps changed the weights,
+    Adam's state and the dropout stream) is undone: the run goes on as the eager path would."""
+    from cifarlab.engine import Trainer, make_autocast
+    from cifarlab.runs import RunDir
+    from cifarlab.studies import build_task
+
+    data = synthetic_cifar()
+    cfg = small_cfg(dropout=0.3, steps=30)
+    eager, _ = train(cfg, out=str(tmp_path / "eager"), progress=False, data=data)
+
+    device = torch.device("cpu")
+    task = build_task(cfg, device, make_autocast(cfg.precision, device), data=data, progress=False)
+    run = RunDir.create(str(tmp_path / "fallback"), cfg.study)
+    run.write_config(cfg)
+    trainer = Trainer(cfg, task, run, device, progress=False)
+    runner = trainer.runner
+    runner.use_graph = True  # as on a GPU; the capture itself is replaced by one that fails
+
+    def failing_capture():
+        for _ in range(3):
+            runner._step(runner.static_inputs)
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    runner._capture_graph = failing_capture
+    with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph .RuntimeError: operation not"):
+        trainer.fit()
+    assert not runner.use_graph and runner.graph_failure.endswith("when stream is capturing")
+    assert metric_values(run.path) == metric_values(eager.path)

@@ -16,6 +16,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Protocol
 
@@ -97,6 +98,7 @@ class StepRunner:
         self.use_graph = use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_inputs: tuple[torch.Tensor, ...] = ()
+        self.graph_failure: str | None = None  # why the step runs eagerly although a graph was asked for
 
     def _step(self, inputs: tuple[torch.Tensor, ...]) -> int:
         self.optimizer.zero_grad(set_to_none=not self.use_graph)
@@ -111,11 +113,11 @@ class StepRunner:
 
     def run(self, step: int) -> None:
         inputs = self.group.shard(self.task.train_inputs(step))
+        if self.use_graph and self.graph is None:
+            self._capture_or_fall_back(inputs)
         if not self.use_graph:
             n = self._step(inputs)
         else:
-            if self.graph is None:
-                self._capture(inputs)
             for static, new in zip(self.static_inputs, inputs):
                 static.copy_(new, non_blocking=True)
             self.graph.replay()
@@ -123,25 +125,23 @@ class StepRunner:
         self.examples += n
         self.steps += 1
 
-    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
-        """Capture the step; warm-up steps are undone so the result equals the eager path."""
+    def _capture_or_fall_back(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        """Capture the step as a CUDA graph. Its warm-up steps are undone, so the run goes on
+        exactly as the eager path would; if the task does something a graph cannot hold (a host
+        sync, a data-dependent shape), that is said once and the run trains eagerly instead."""
         opt = self.optimizer
         params = [p for group in opt.param_groups for p in group["params"]]
         saved_params = [p.detach().clone() for p in params]
-        saved_state = {id(t): t.clone() for st in opt.state.values() for t in st.values()
-                       if torch.is_tensor(t)}
+        saved_state = {id(t): t.clone() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
         sums = (self.loss_sum.clone(), self.correct_sum.clone())
         self.static_inputs = tuple(t.clone() for t in inputs)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._step(self.static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self._graph_examples = self._step(self.static_inputs)
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+        try:
+            self._capture_graph()
+            failure = None
+        except Exception as err:  # noqa: BLE001 - whatever stops the capture, the eager step still works
+            failure = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        # An error while restoring propagates: then the state could not be trusted.
         with torch.no_grad():
             for p, saved in zip(params, saved_params):
                 p.copy_(saved)
@@ -151,6 +151,26 @@ class StepRunner:
                         t.copy_(saved_state[id(t)]) if id(t) in saved_state else t.zero_()
             self.loss_sum.copy_(sums[0])
             self.correct_sum.copy_(sums[1])
+        if failure is not None:
+            torch.set_rng_state(rng[0])  # the warm-up steps' dropout draws are undone too
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1])
+            self.graph, self.use_graph, self.graph_failure = None, False, failure
+            warnings.warn(f"the training step could not be captured as a CUDA graph ({failure}); "
+                          "training without one (slower, same results)", RuntimeWarning, stacklevel=2)
+
+    def _capture_graph(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step(self.static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            self._graph_examples = self._step(self.static_inputs)
+        self.graph = graph
 
     def _global_sums(self) -> tuple[float, float, int]:
         """(loss sum, correct, examples) over all ranks: one device sync, one all-reduce if several."""
@@ -393,6 +413,10 @@ class Trainer:
             return None
         wall = self._wall()
         extra = self.task.summary() if hasattr(self.task, "summary") else {}
+        if self.device.type == "cuda":
+            extra = {**extra, "cuda_graph": self.runner.use_graph}
+            if self.runner.graph_failure:
+                extra["cuda_graph_failure"] = self.runner.graph_failure
         if self.group.distributed:
             extra = {**extra, "processes": self.group.world_size}
         return self.run.write_summary(self.cfg, wall, wall - self.clock["eval"], self.device, extra)
