@@ -2,7 +2,10 @@
 
 Trains the same presets with each N into fresh folders and prints the wall time of each, e.g.
 
-    python benchmarks/reproduce_jobs.py --data DIR --only study1 --steps-scale 0.05 --jobs 1,2,4
+    python benchmarks/reproduce_jobs.py --data DIR --only study1 --steps-scale 0.05 --jobs 1,2,4 [--train-only]
+
+`--train-only` times the training alone (no analysis, no report). The last line names the
+fastest N, for scripts.
 
 Small models do not fill a GPU, so several runs at once should finish sooner than one after
 another; on a CPU the cores are shared, so the gain (if any) comes from better use of them.
@@ -28,8 +31,13 @@ def main() -> None:
     parser.add_argument("--jobs", default="1,2,4", help="comma-separated values of N to time")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every run")
+    parser.add_argument("--train-only", action="store_true", help="time the training alone")
     args = parser.parse_args()
     from cifarlab.config import parse_settings
+    from cifarlab.data import load_cifar10
+    from cifarlab.reproduce import execute, parse_only, plan
+
+    dataset = load_cifar10(args.data, progress=False)  # the cache is built once, outside the timings
 
     overrides = {"tensorboard": False, **parse_settings(args.set)}
     rows = []
@@ -37,19 +45,32 @@ def main() -> None:
         for jobs in (int(j) for j in args.jobs.split(",")):
             out = Path(tmp) / f"jobs-{jobs}"
             start = time.perf_counter()
-            state = reproduce(out, data=args.data, only=args.only, steps_scale=args.steps_scale, jobs=jobs,
-                              max_evals=args.max_evals, device=args.device, overrides=overrides,
-                              tsne_points=2000, progress=False, log=lambda *_: None)
-            seconds = time.perf_counter() - start
-            runs = len(state["runs"])
-            rows.append((jobs, runs, state["train_seconds"], seconds))
-            print(f"--jobs {jobs}: {runs} runs trained in {state['train_seconds']:.1f} s "
-                  f"({seconds:.1f} s with analysis and report)", flush=True)
+            if args.train_only:
+                runs = plan(out, parse_only(args.only), args.steps_scale, args.max_evals, str(args.data or ""),
+                            args.device, overrides=overrides)
+                records = execute(runs, jobs, progress=False, data=dataset, log=lambda *_: None)
+                failed = [name for name, r in records.items() if r.get("status") == "failed"]
+                if failed:
+                    raise SystemExit(f"--jobs {jobs}: {failed[0]} failed: {records[failed[0]].get('note')}")
+                train_s = seconds = time.perf_counter() - start
+            else:
+                state = reproduce(out, data=args.data, only=args.only, steps_scale=args.steps_scale, jobs=jobs,
+                                  max_evals=args.max_evals, device=args.device, overrides=overrides,
+                                  tsne_points=2000, progress=False, log=lambda *_: None)
+                seconds = time.perf_counter() - start
+                records, train_s = state["runs"], state["train_seconds"]
+            rows.append((jobs, len(records), train_s, seconds))
+            print(f"--jobs {jobs}: {len(records)} runs trained in {train_s:.1f} s"
+                  + ("" if args.train_only else f" ({seconds:.1f} s with analysis and report)"), flush=True)
             shutil.rmtree(out)
     base = rows[0][2]
-    print("\n| --jobs | runs | training wall s | speed-up | with analysis + report s |\n|---:|---:|---:|---:|---:|")
+    if args.train_only:
+        print("\n| --jobs | runs | training wall s | speed-up |\n|---:|---:|---:|---:|")
+    else:
+        print("\n| --jobs | runs | training wall s | speed-up | with analysis + report s |\n|---:|---:|---:|---:|---:|")
     for jobs, runs, train_s, total in rows:
-        print(f"| {jobs} | {runs} | {train_s:.1f} | {base / train_s:.2f}x | {total:.1f} |")
+        print(f"| {jobs} | {runs} | {train_s:.1f} | {base / train_s:.2f}x |" + ("" if args.train_only else f" {total:.1f} |"))
+    print(f"fastest: --jobs {min(rows, key=lambda r: r[2])[0]}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ textbook model (conv -> ReLU -> nn.MaxPool2d(3, 2, padding=1)), NCHW fp32, a Ten
 through its own engine (`Trainer.runner`), exactly as `cifarlab train classifier` steps.
 
     python benchmarks/step_time.py --data DIR [--batch-sizes 64,128] [--steps 40] [--device cpu]
+                                  [--variants channels_last,contiguous,no-graph,bf16]
 
 Each configuration is timed in `--rounds` alternating rounds (to share out the machine's
 noise fairly) and the median ms/step is reported.
@@ -27,6 +28,15 @@ from cifarlab.data import load_cifar10, mean_image
 from cifarlab.engine import Trainer, make_autocast, resolve_device
 from cifarlab.runs import RunDir
 from cifarlab.studies import build_task
+
+
+# What each timed cifarlab configuration changes; the CUDA graph is on unless said (GPU only).
+VARIANTS = {
+    "channels_last": {"memory_format": "channels_last"},
+    "contiguous": {"memory_format": "contiguous"},
+    "no-graph": {"memory_format": "channels_last", "cuda_graph": False},
+    "bf16": {"memory_format": "channels_last", "precision": "bf16"},
+}
 
 
 def plain_model() -> nn.Module:
@@ -90,19 +100,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--formats", default="auto,channels_last,contiguous",
-                        help="cifarlab memory formats to time")
+    parser.add_argument("--variants", default=None,
+                        help=f"cifarlab variants to time, from {', '.join(VARIANTS)} "
+                             "[default: channels_last,contiguous on CPU; channels_last,no-graph,bf16 on CUDA]")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    variants = (args.variants or ("channels_last,no-graph,bf16" if device.type == "cuda"
+                                  else "channels_last,contiguous")).split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     data = load_cifar10(args.data, progress=False)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.steps} timed steps x {args.rounds} rounds")
     print(f"{'batch':>5}  {'loop':<28} {'ms/step':>9}  {'speed-up':>8}")
     for batch_size in map(int, args.batch_sizes.split(",")):
         runs = {"plain loop (DataLoader)": lambda: time_plain(data, batch_size, args.steps, args.warmup, device)}
-        for fmt in args.formats.split(","):
-            runs[f"cifarlab ({fmt})"] = (lambda f=fmt: time_cifarlab(
-                data, batch_size, args.steps, args.warmup, device, memory_format=f))
+        for name in variants:
+            runs[f"cifarlab ({name})"] = (lambda v=VARIANTS[name]: time_cifarlab(
+                data, batch_size, args.steps, args.warmup, device, **v))
         times = {name: [] for name in runs}
         for _ in range(args.rounds):
             for name, fn in runs.items():
