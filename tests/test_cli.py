@@ -64,6 +64,24 @@ def test_plot_overlays_runs_with_labels(trained, tmp_path):
     assert bad.returncode != 0 and "one per run" in bad.stderr
 
 
+def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
+    _, run, _ = trained
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(run, other)
+    (other / "config.toml").write_text((other / "config.toml").read_text().replace("dropout = 0.0", "dropout = 0.5"))
+    res = cifarlab("compare", run, other, "--csv", tmp_path / "cmp.csv")
+    assert res.returncode == 0, res.stderr
+    header, first, second = res.stdout.splitlines()[:1] + res.stdout.splitlines()[2:4]
+    assert "test acc" in header and "dropout" in header and "batch_size" not in header
+    assert first.split()[0] == run.name and first.split()[-1] == "0.0" and second.split()[-1] == "0.5"
+    rows = (tmp_path / "cmp.csv").read_text().splitlines()
+    assert rows[0].startswith("run,study,step,steps,finished,test_accuracy") and len(rows) == 3
+    bad = cifarlab("compare", tmp_path / "nothing")
+    assert bad.returncode == 2 and "neither a cifarlab run" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
 def test_data_command_describes_the_layout(trained):
     data, _, _ = trained
     res = cifarlab("data", "--data", data)

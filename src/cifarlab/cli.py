@@ -258,6 +258,47 @@ def plot(
     print(plot_curves(series, out, title=title))
 
 
+@app.command()
+def compare(
+    runs: Annotated[List[Path], typer.Argument(help="Run directories, or folders of runs (a reproduce output).")],
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Also write the table to this CSV file.")] = None,
+) -> None:
+    """A table of several runs side by side: step reached, final and best test accuracy, test loss,
+    ms/step, and every setting in which the runs differ (an ablation at a glance)."""
+    import csv
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from cifarlab.fileio import write_text
+    from cifarlab.runs import compare_runs
+
+    differing, rows = compare_runs(runs)
+    shown = [key for key in differing if key != "steps"]  # the step column says it
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("run", "step", "test acc", "best (step)", "test loss", "ms/step", *shown):
+        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
+
+    def num(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for row in rows:
+        step = f"{row['step']}/{row['steps']}" + ("" if row["finished"] else " (unfinished)")
+        best = "-" if row["best_test_accuracy"] is None else f"{row['best_test_accuracy']:.4f} ({row['best_test_step']})"
+        table.add_row(Path(row["run"]).name, step, num(row["test_accuracy"], ".4f"), best,
+                      num(row["test_loss"], ".4f"), num(row["ms_per_step"], ".2f"),
+                      *("·" if row[key] is None else str(row[key]) for key in shown))
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)  # piped: never cut a column
+    if csv_out is not None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(csv_out, buf.getvalue())
+        print(f"wrote {csv_out}")
+
+
 RunArg = Annotated[Path, typer.Argument(help="A run directory.")]
 CheckpointOpt = Annotated[Optional[int], typer.Option(
     help="Step of the checkpoint whose features to use. [default: latest]")]

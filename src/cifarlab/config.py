@@ -17,6 +17,12 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 STUDIES = ("classifier", "siamese", "transfer")
+# The settings that only some studies read; every other setting applies to all three.
+READ_BY = {
+    "weight_decay": ("classifier", "transfer"),
+    **{key: ("siamese",) for key in ("loss", "margin", "sampler", "fraction_same", "val_tuples")},
+    **{key: ("transfer",) for key in ("backbone", "backbone_weights", "refine_after", "input_size", "feature_cache")},
+}
 # Where a study's defaults differ from the classifier's (the report's step counts).
 STUDY_DEFAULTS = {"siamese": {"steps": 50000, "val_fraction": 0.2}, "transfer": {"steps": 10000}}
 

@@ -217,3 +217,58 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
+
+
+# -- comparing runs ----------------------------------------------------------------------------
+# Settings that say where or how a run ran, not what it trained: left out of a comparison.
+_NOT_COMPARED = {"data", "device", "tensorboard", "cuda_graph", "memory_format", "distributed"}
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """The run directories among `paths`: each one is a run, or a folder of runs (a
+    `cifarlab reproduce` output, say), whose runs are taken in name order."""
+    found = []
+    for path in map(Path, paths):
+        if (path / "config.toml").is_file():
+            found.append(path)
+            continue
+        inner = sorted(p for p in path.iterdir() if (p / "config.toml").is_file()) if path.is_dir() else []
+        if not inner:
+            raise CifarlabError(f"{path}: neither a cifarlab run (no config.toml) nor a folder of runs; check the path")
+        found.extend(inner)
+    return found
+
+
+def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
+    """One row per run: its results (finished or not yet) and the settings in which the runs
+    differ (None where the run's study does not read it). Returns (those setting names, rows)."""
+    from cifarlab.fileio import read_json
+
+    from cifarlab.config import READ_BY, STUDIES
+
+    runs = [RunDir.open(p) for p in find_runs(paths)]
+    # a setting a run's study does not read is None for it, and does not count as a difference
+    configs = [{key: (value if cfg["study"] in READ_BY.get(key, STUDIES) else None) for key, value in cfg.items()}
+               for cfg in (run.config().to_dict() for run in runs)]
+    differing = [key for key in configs[0] if key not in _NOT_COMPARED
+                 and len({repr(c[key]) for c in configs if c[key] is not None}) > 1]
+    rows = []
+    for run, cfg in zip(runs, configs):
+        summary = read_json(run.path / "summary.json")
+        tests = [r for r in run.metrics if r["split"] == "test"]
+        best = max(tests, key=lambda r: r["accuracy"]) if tests else None
+        rows.append({
+            "run": str(run.path),
+            "study": cfg["study"],
+            "step": run.metrics[-1]["step"] if run.metrics else 0,
+            "steps": cfg["steps"],
+            "finished": bool(summary),
+            "test_accuracy": tests[-1]["accuracy"] if tests else None,
+            "best_test_accuracy": best and best["accuracy"],
+            "best_test_step": best and best["step"],
+            "test_loss": tests[-1]["loss"] if tests else None,
+            "ms_per_step": summary.get("ms_per_step"),
+            "device": summary.get("device"),
+            **{key: cfg[key] for key in differing},
+        })
+    return differing, rows

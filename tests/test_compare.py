@@ -1,0 +1,53 @@
+"""`cifarlab compare`: runs side by side, with the settings in which they differ."""
+
+import pytest
+
+from cifarlab import CifarlabError
+from cifarlab.config import Config
+from cifarlab.fileio import write_json
+from cifarlab.runs import RunDir, compare_runs
+
+
+def fake_run(path, cfg: Config, tests: list[tuple[int, float, float]], finished: bool) -> RunDir:
+    """A run directory as training leaves it: config, metrics (test rows: step, loss, accuracy), summary."""
+    run = RunDir.create(str(path), cfg.study)
+    run.write_config(cfg)
+    for step, loss, acc in tests:
+        run.add_metric(step, "train", loss + 0.1, acc - 0.1, step / 10)
+        run.add_metric(step, "test", loss, acc, step / 10)
+    run.write_metrics()
+    if finished:
+        write_json(run.path / "summary.json", {"steps": cfg.steps, "ms_per_step": 1.5, "device": "cpu"})
+    return run
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    folder = tmp_path / "study"
+    fake_run(folder / "plain", Config(steps=30), [(10, 2.0, 0.3), (20, 1.5, 0.5), (30, 1.6, 0.45)], True)
+    fake_run(folder / "dropout", Config(steps=30, dropout=0.5), [(10, 2.1, 0.25), (20, 1.7, 0.4)], False)
+    fake_run(tmp_path / "pairs", Config.for_study("siamese", steps=50, loss="hadsell"), [(25, 0.3, 0.7)], True)
+    return tmp_path
+
+
+def test_rows_hold_results_and_only_the_settings_that_differ(runs):
+    differing, rows = compare_runs([runs / "study", runs / "pairs"])
+    # val_fraction and steps differ (the siamese defaults); loss is read by one study only, so it
+    # is no difference; data, device and the like say where a run ran, not what it trained.
+    assert differing == ["study", "steps", "dropout", "val_fraction"]
+    by_name = {row["run"].rsplit("/", 1)[-1]: row for row in rows}
+    assert [row["run"].rsplit("/", 1)[-1] for row in rows] == ["dropout", "plain", "pairs"]
+    plain, dropout, pairs = by_name["plain"], by_name["dropout"], by_name["pairs"]
+    assert (plain["step"], plain["finished"], plain["test_accuracy"], plain["test_loss"]) == (30, True, 0.45, 1.6)
+    assert (plain["best_test_accuracy"], plain["best_test_step"], plain["ms_per_step"]) == (0.5, 20, 1.5)
+    assert (dropout["step"], dropout["steps"], dropout["finished"], dropout["ms_per_step"]) == (20, 30, False, None)
+    assert dropout["dropout"] == 0.5 and plain["dropout"] == 0.0
+    assert pairs["study"] == "siamese" and "loss" not in pairs and "weight_decay" not in pairs
+
+
+def test_a_path_that_holds_no_run_is_one_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CifarlabError, match="empty: neither a cifarlab run .no config.toml. nor a folder of runs"):
+        compare_runs([tmp_path / "empty"])
+    with pytest.raises(CifarlabError, match="missing: neither"):
+        compare_runs([tmp_path / "missing"])
