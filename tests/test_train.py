@@ -186,13 +186,82 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_with_the_same_results(tmp
     runner = trainer.runner
     runner.use_graph = True  # as on a GPU; the capture itself is replaced by one that fails
 
-    def failing_capture():
+    def warm_up_that_syncs():  # the steps run, then the sync check fires (as it would on a GPU)
         for _ in range(3):
             runner._step(runner.static_inputs)
-        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        raise RuntimeError("called a synchronizing CUDA operation\nmore detail")
 
-    runner._capture_graph = failing_capture
-    with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph .RuntimeError: operation not"):
+    def capture():
+        raise AssertionError("no capture may start after a warm-up that synchronised")
+
+    runner._warm_up, runner._capture_graph = warm_up_that_syncs, capture
+    with pytest.warns(RuntimeWarning, match="cannot be captured as a CUDA graph .RuntimeError: called a synchronizing"):
         trainer.fit()
-    assert not runner.use_graph and runner.graph_failure.endswith("when stream is capturing")
+    assert not runner.use_graph and runner.graph_failure == "RuntimeError: called a synchronizing CUDA operation"
     assert metric_values(run.path) == metric_values(eager.path)
+
+
+def test_a_capture_error_is_reported_by_its_root_cause():
+    from cifarlab.engine import _first_cause
+
+    try:
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing\ndetails")
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture")
+    except RuntimeError as err:
+        assert _first_cause(err) == "RuntimeError: operation not permitted when stream is capturing"
+    try:
+        try:
+            raise KeyError("inner")
+        except KeyError:
+            raise ValueError("outer") from None
+    except ValueError as err:
+        assert _first_cause(err) == "ValueError: outer"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_a_task_that_syncs_falls_back_and_a_clean_one_is_captured(tmp_path):
+    """On a real GPU: the graph path gives the eager path's results (no dropout), and a task
+    whose loss reads a value back to the host is caught by the warm-up and trains eagerly."""
+    import json
+
+    import cifarlab.train as train_module
+
+    data = synthetic_cifar()
+    cfg = small_cfg(device="cuda", steps=30)
+    graph, graph_summary = train(cfg, out=str(tmp_path / "graph"), progress=False, data=data)
+    eager, _ = train(cfg.replace(cuda_graph=False), out=str(tmp_path / "eager"), progress=False, data=data)
+    assert graph_summary["cuda_graph"] is True and "cuda_graph_failure" not in graph_summary
+
+    def assert_close(run_a, run_b):  # cuDNN may pick other kernels from run to run: close, not equal
+        a, b = metric_values(run_a.path), metric_values(run_b.path)
+        assert len(a) == len(b) == 6  # train and test at steps 10, 20 and 30
+        for (s1, p1, l1, a1), (s2, p2, l2, a2) in zip(a, b):
+            assert (s1, p1) == (s2, p2) and abs(float(l1) - float(l2)) < 1e-3 and abs(float(a1) - float(a2)) < 0.02
+
+    assert_close(graph, eager)
+
+    build = train_module.build_task
+
+    def syncing(*a, **k):
+        task = build(*a, **k)
+        loss_fn = task.train_loss
+
+        def train_loss(*inputs):
+            loss, correct, n = loss_fn(*inputs)
+            return loss * (1.0 if loss.item() > -1 else 0.0), correct, n  # .item(): a host sync
+
+        task.train_loss = train_loss
+        return task
+
+    train_module.build_task = syncing
+    try:
+        with pytest.warns(RuntimeWarning, match="cannot be captured as a CUDA graph"):
+            synced, summary = train(cfg, out=str(tmp_path / "synced"), progress=False, data=data)
+    finally:
+        train_module.build_task = build
+    assert summary["cuda_graph"] is False and "synchroniz" in summary["cuda_graph_failure"]
+    assert json.loads((synced.path / "summary.json").read_text())["cuda_graph"] is False
+    assert_close(synced, eager)  # eager from the same state
+    torch.cuda.empty_cache()  # the allocator is in a sane state: no capture was left open

@@ -88,7 +88,7 @@ class StepRunner:
     def __init__(self, task: Task, optimizer: torch.optim.Optimizer, autocast, use_graph: bool,
                  group: Solo | None = None):
         self.task, self.optimizer, self.autocast = task, optimizer, autocast
-        device = next(task.model.parameters()).device
+        self.device = device = next(task.model.parameters()).device
         self.group = group or Solo(device)
         self.forward = self.group.wrap(task)  # task.train_loss, or it through DDP
         self.loss_sum = torch.zeros((), device=device)
@@ -126,22 +126,35 @@ class StepRunner:
         self.steps += 1
 
     def _capture_or_fall_back(self, inputs: tuple[torch.Tensor, ...]) -> None:
-        """Capture the step as a CUDA graph. Its warm-up steps are undone, so the run goes on
-        exactly as the eager path would; if the task does something a graph cannot hold (a host
-        sync, a data-dependent shape), that is said once and the run trains eagerly instead."""
+        """Capture the step as a CUDA graph after warm-up steps, then undo what those did (weights,
+        Adam's state, running sums), so that replays go on from the state the run was in.
+
+        A graph cannot hold a host sync (a task that reads a value back, say). The warm-up makes
+        syncs errors, so such a task is caught before any capture starts: the run trains eagerly
+        from the same state, its RNG included, and says why once. A capture that fails after a
+        clean warm-up leaves CUDA in a state not to be trusted, so it stops the run with its cause.
+        """
         opt = self.optimizer
         params = [p for group in opt.param_groups for p in group["params"]]
         saved_params = [p.detach().clone() for p in params]
         saved_state = {id(t): t.clone() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
         sums = (self.loss_sum.clone(), self.correct_sum.clone())
         self.static_inputs = tuple(t.clone() for t in inputs)
-        rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+        cuda = self.device.type == "cuda"
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if cuda else None)
         try:
-            self._capture_graph()
+            self._warm_up()
             failure = None
-        except Exception as err:  # noqa: BLE001 - whatever stops the capture, the eager step still works
-            failure = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-        # An error while restoring propagates: then the state could not be trusted.
+        except RuntimeError as err:
+            failure = _first_cause(err)
+        if failure is None:
+            try:
+                self._capture_graph()
+            except Exception as err:
+                raise CifarlabError(f"the training step could not be captured as a CUDA graph ({_first_cause(err)}); "
+                                    "train with --no-cuda-graph") from err
+        if cuda:
+            torch.cuda.synchronize(self.device)
         with torch.no_grad():
             for p, saved in zip(params, saved_params):
                 p.copy_(saved)
@@ -154,18 +167,30 @@ class StepRunner:
         if failure is not None:
             torch.set_rng_state(rng[0])  # the warm-up steps' dropout draws are undone too
             if rng[1] is not None:
-                torch.cuda.set_rng_state(rng[1])
-            self.graph, self.use_graph, self.graph_failure = None, False, failure
-            warnings.warn(f"the training step could not be captured as a CUDA graph ({failure}); "
+                torch.cuda.set_rng_state(rng[1], self.device)
+            self.use_graph, self.graph_failure = False, failure
+            warnings.warn(f"the training step cannot be captured as a CUDA graph ({failure}); "
                           "training without one (slower, same results)", RuntimeWarning, stacklevel=2)
 
-    def _capture_graph(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
+    def _warm_up(self) -> None:
+        """Three eager steps on a side stream, as graph capture wants: the first lets cuDNN pick
+        its kernels and Adam make its state; in the other two a host sync raises an error."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(side):
                 self._step(self.static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
+                previous = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    for _ in range(2):
+                        self._step(self.static_inputs)
+                finally:
+                    torch.cuda.set_sync_debug_mode(previous)
+        finally:
+            torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _capture_graph(self) -> None:
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
@@ -202,6 +227,18 @@ class StepRunner:
             self.loss_sum.copy_(state["loss_sum"])
             self.correct_sum.copy_(state["correct_sum"])
             self.examples = int(state["examples"])
+
+
+def _first_cause(err: BaseException) -> str:
+    """The error at the root of a chain (CUDA reports a failed capture as a second error raised
+    while handling the first), as 'Type: first line'."""
+    for _ in range(10):
+        inner = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        if inner is None:
+            break
+        err = inner
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 class _InterruptFlag:
