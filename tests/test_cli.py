@@ -78,6 +78,11 @@ def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
     assert first.split()[0] == run.name and first.split()[-1] == "0.0" and second.split()[-1] == "0.5"
     rows = (tmp_path / "cmp.csv").read_text().splitlines()
     assert rows[0].startswith("run,study,step,steps,finished,test_accuracy") and len(rows) == 3
+    shutil.copytree(run, tmp_path / "a" / "same")
+    shutil.copytree(other, tmp_path / "b" / "same")
+    folders = cifarlab("compare", tmp_path / "a", tmp_path / "b")  # same names: the folders tell them apart
+    assert folders.returncode == 0, folders.stderr
+    assert [line.split()[0] for line in folders.stdout.splitlines()[2:4]] == ["a/same", "b/same"]
     bad = cifarlab("compare", tmp_path / "nothing")
     assert bad.returncode == 2 and "neither a cifarlab run" in bad.stderr and len(bad.stderr.splitlines()) == 1
 

@@ -283,10 +283,13 @@ def compare(
     def num(value, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    for row in rows:
+    names = [Path(row["run"]).name for row in rows]
+    if len(set(names)) < len(names):  # runs of the same name in several folders: say which folder
+        names = [str(Path(*Path(row["run"]).parts[-2:])) for row in rows]
+    for name, row in zip(names, rows):
         step = f"{row['step']}/{row['steps']}" + ("" if row["finished"] else " (unfinished)")
         best = "-" if row["best_test_accuracy"] is None else f"{row['best_test_accuracy']:.4f} ({row['best_test_step']})"
-        table.add_row(Path(row["run"]).name, step, num(row["test_accuracy"], ".4f"), best,
+        table.add_row(name, step, num(row["test_accuracy"], ".4f"), best,
                       num(row["test_loss"], ".4f"), num(row["ms_per_step"], ".2f"),
                       *("·" if row[key] is None else str(row[key]) for key in shown))
     Console(width=None if sys.stdout.isatty() else 1000).print(table)  # piped: never cut a column

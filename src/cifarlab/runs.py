@@ -221,7 +221,7 @@ def device_name(device: torch.device) -> str:
 
 # -- comparing runs ----------------------------------------------------------------------------
 # Settings that say where or how a run ran, not what it trained: left out of a comparison.
-_NOT_COMPARED = {"data", "device", "tensorboard", "cuda_graph", "memory_format", "distributed"}
+_NOT_COMPARED = {"data", "device", "tensorboard", "cuda_graph", "memory_format", "distributed", "feature_cache"}
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
