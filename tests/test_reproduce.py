@@ -44,6 +44,18 @@ def test_scaling_multiplies_every_step_count():
     assert scaled_config(load_preset("classifier-b64"), 1.0) == load_preset("classifier-b64").config()
 
 
+def test_runs_at_once_are_handed_out_longest_first(tmp_path):
+    from cifarlab.reproduce import estimated_cost
+
+    runs = plan(tmp_path, ["study1", "study2", "study3"], 1.0)
+    order = [r.name for r in sorted(runs, key=lambda r: -estimated_cost(r.config))]
+    assert order[:3] == ["siamese-exp1", "siamese-exp2", "siamese-exp3"]  # 50,000 steps of pairs
+    assert order[3:7] == ["transfer-refine", "transfer-refine-100", "transfer-refine-1000", "transfer-refine-2500"]
+    assert order[7:11] == sorted(n for n in order if n.startswith("classifier-b128"))
+    assert order[11:16] == sorted(n for n in order if n.startswith("classifier-b64"))
+    assert order[-1] == "transfer-features"  # the head alone on cached features
+
+
 def test_only_and_set_are_checked(tmp_path):
     assert parse_only("study3,study1") == ["study1", "study3"]
     with pytest.raises(CifarlabError, match="subset of study1, study2, study3"):
