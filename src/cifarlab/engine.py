@@ -152,7 +152,7 @@ class StepRunner:
                 self._capture_graph()
             except Exception as err:
                 raise CifarlabError(f"the training step could not be captured as a CUDA graph ({_first_cause(err)}); "
-                                    "train with --no-cuda-graph") from err
+                                    "train with --no-cuda-graph (reproduce: --set cuda_graph=false)") from err
         if cuda:
             torch.cuda.synchronize(self.device)
         with torch.no_grad():
