@@ -114,15 +114,11 @@ def _train(study: str | None, flags: dict, preset: str | None, out: str | None, 
             cfg = chosen.config(**flags)
         else:
             cfg = Config.for_study(study, **flags)
-        run, summary = train(cfg, out=out or (f"runs/{preset}-{_stamp()}" if preset else None), progress=not quiet)
+        from cifarlab.runs import time_stamp
+
+        run, summary = train(cfg, out=out or (f"runs/{preset}-{time_stamp()}" if preset else None), progress=not quiet)
     if summary is not None:  # None on the ranks other than 0 of a --distributed run
         _print_run_result(run, summary)
-
-
-def _stamp() -> str:
-    import datetime as dt
-
-    return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 @train_app.callback(invoke_without_command=True)

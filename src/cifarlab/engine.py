@@ -66,6 +66,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def rng_state(device: torch.device) -> dict:
+    """The CPU generator's state, and the device's when it is a GPU (dropout draws from it)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Back to `rng_state`'s result. RNG states must be CPU byte tensors; last.pt is loaded onto
+    the training device."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
 def make_autocast(precision: str, device: torch.device):
     """A context factory for the step and evaluation: bf16 autocast, or nothing for fp32.
 
@@ -140,8 +156,7 @@ class StepRunner:
         saved_state = {id(t): t.clone() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
         sums = (self.loss_sum.clone(), self.correct_sum.clone())
         self.static_inputs = tuple(t.clone() for t in inputs)
-        cuda = self.device.type == "cuda"
-        rng = torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if cuda else None)
+        rng = rng_state(self.device)
         try:
             self._warm_up()
             failure = None
@@ -153,7 +168,7 @@ class StepRunner:
             except Exception as err:
                 raise CifarlabError(f"the training step could not be captured as a CUDA graph ({_first_cause(err)}); "
                                     "train with --no-cuda-graph (reproduce: --set cuda_graph=false)") from err
-        if cuda:
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         with torch.no_grad():
             for p, saved in zip(params, saved_params):
@@ -165,9 +180,7 @@ class StepRunner:
             self.loss_sum.copy_(sums[0])
             self.correct_sum.copy_(sums[1])
         if failure is not None:
-            torch.set_rng_state(rng[0])  # the warm-up steps' dropout draws are undone too
-            if rng[1] is not None:
-                torch.cuda.set_rng_state(rng[1], self.device)
+            set_rng_state(rng, self.device)  # the warm-up steps' dropout draws are undone too
             self.use_graph, self.graph_failure = False, failure
             warnings.warn(f"the training step cannot be captured as a CUDA graph ({failure}); "
                           "training without one (slower, same results)", RuntimeWarning, stacklevel=2)
@@ -307,21 +320,9 @@ class Trainer:
         return self.cfg.cuda_graph and self.device.type == "cuda" and not self.group.distributed
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _rng_state(self) -> dict:
-        state = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _set_rng_state(self, state: dict) -> None:
-        """RNG states must be CPU byte tensors; last.pt is loaded onto the training device."""
-        torch.set_rng_state(state["cpu"].cpu())
-        if state.get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
-
     def _training_state(self) -> dict:
         """What last.pt holds; under --distributed every rank takes part (sums, RNG states)."""
-        rng = self._rng_state()
+        rng = rng_state(self.device)
         state = {
             "step": self.step,
             "model": self.model.state_dict(),
@@ -360,9 +361,9 @@ class Trainer:
         self.runner.load_state_dict(state["accumulators"])
         ranks = state.get("rng_ranks", [])
         if len(ranks) == self.group.world_size > 1:
-            self._set_rng_state(ranks[self.group.rank])
+            set_rng_state(ranks[self.group.rank], self.device)
         elif self.group.is_main:
-            self._set_rng_state({"cpu": state["rng_cpu"], "cuda": state.get("rng_cuda")})
+            set_rng_state({"cpu": state["rng_cpu"], "cuda": state.get("rng_cuda")}, self.device)
         self.clock = {k: float(v) for k, v in state["clock"].items()}
         if self.group.is_main:
             self.run.truncate_metrics(self.step)

@@ -118,6 +118,12 @@ class ReportData:
     def analysis_problem(self, name: str) -> str | None:
         return self.state.get("runs", {}).get(name, {}).get("analysis")
 
+    def why_no_ovr(self, name: str, layers: str) -> str:
+        """Why a run has no OvR number: no run, a failed analysis, or none made yet."""
+        if not self.summary(name):
+            return self.why_missing(name)
+        return self.analysis_problem(name) or f"no OvR yet: `cifarlab ovr RUN --layer {layers}`"
+
     def step_scales(self) -> dict[str, tuple[float, int, int]]:
         """Per study: (scale, our steps, the report's steps) from the runs' own configs, since
         studies may have been reproduced at different --steps-scale."""
@@ -170,8 +176,7 @@ def build_tables(data: ReportData) -> list[Table]:
         if res:
             note = f"{res['n_fit']:,} fit / {res['n_score']:,} scored, {res['fit_seconds']:.1f} s"
         else:
-            note = (data.why_missing(REFERENCE_RUN) if not ref_summary else data.analysis_problem(REFERENCE_RUN)
-                    or "no OvR yet: `cifarlab ovr RUN --layer all`")
+            note = data.why_no_ovr(REFERENCE_RUN, "all")
         layer_rows.append(Row(f"{layer} features", seed, res["accuracy"] if res else None, note))
     tables.append(Table(
         "Section 1.4.1: one-vs-rest linear classifiers on the ConvNet's features",
@@ -186,8 +191,7 @@ def build_tables(data: ReportData) -> list[Table]:
         if res:
             note = f"{_steps_note(s)}; same-class rule accuracy on test tuples {s['final_test_accuracy']:.4f}"
         else:
-            note = (data.why_missing(p.name) if not s else data.analysis_problem(p.name)
-                    or "no OvR yet: `cifarlab ovr RUN --layer embedding`")
+            note = data.why_no_ovr(p.name, "embedding")
         siamese_rows.append(Row(p.reproduces, p.seed_value, res["accuracy"] if res else None, note))
     tables.append(Table("Section 2.5: one-vs-rest on the Siamese embedding",
                         "The 192-d L2-normalised embedding of the test set, the seed's protocol as above.",

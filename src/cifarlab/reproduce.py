@@ -131,11 +131,9 @@ def run_state(run: PlannedRun) -> str:
 
 
 def _move_aside(path: Path) -> Path:
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    target, n = path.with_name(f"{path.name}.incomplete-{stamp}"), 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.incomplete-{stamp}-{n}")
+    from cifarlab.runs import stamped_path
+
+    target = stamped_path(path.parent, f"{path.name}.incomplete")
     path.rename(target)
     return target
 

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cifarlab import CifarlabError, __version__
-from cifarlab.config import Config, load_config, to_toml
-from cifarlab.fileio import write_json, write_text, write_with
+from cifarlab.config import READ_BY, STUDIES, Config, load_config, to_toml
+from cifarlab.fileio import read_json, write_json, write_text, write_with
 
 METRIC_FIELDS = ("step", "split", "loss", "accuracy", "seconds")
 _STEP_FILE = re.compile(r"step-(\d+)\.safetensors$")
@@ -41,6 +41,26 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def time_stamp() -> str:
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def stamped_path(folder: Path, prefix: str) -> Path:
+    """folder/<prefix>-<time stamp>, with -2, -3... added while that name is taken."""
+    stamp = time_stamp()
+    path, n = folder / f"{prefix}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{prefix}-{stamp}-{n}"
+    return path
+
+
+def last_and_best_test(metrics: list[dict]) -> tuple[dict | None, dict | None]:
+    """The last and the best (highest accuracy) test rows of a run's metrics, None if it has none."""
+    tests = [r for r in metrics if r["split"] == "test"]
+    return (tests[-1], max(tests, key=lambda r: r["accuracy"])) if tests else (None, None)
 
 
 class RunDir:
@@ -64,15 +84,7 @@ class RunDir:
         Nothing is created on disk until `materialise()`, so a run that fails to start leaves
         no empty directory behind.
         """
-        if out:
-            path = Path(out)
-        else:
-            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            path = root / f"{study}-{stamp}"
-            n = 1
-            while path.exists():
-                n += 1
-                path = root / f"{study}-{stamp}-{n}"
+        path = Path(out) if out else stamped_path(root, study)
         if path.exists() and any(path.iterdir()):
             raise CifarlabError(
                 f"{path}: already exists and is not empty; pass --resume {path} to continue it "
@@ -191,9 +203,7 @@ class RunDir:
     # -- summary -------------------------------------------------------------------------------
     def write_summary(self, cfg: Config, wall_seconds: float, train_seconds: float, device: torch.device,
                       extra: dict | None = None) -> dict:
-        tests = [r for r in self.metrics if r["split"] == "test"]
-        best = max(tests, key=lambda r: r["accuracy"]) if tests else None
-        final = tests[-1] if tests else None
+        final, best = last_and_best_test(self.metrics)
         summary = {
             "study": cfg.study,
             "steps": cfg.steps,
@@ -242,10 +252,6 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
     """One row per run: its results (finished or not yet) and the settings in which the runs
     differ (None where the run's study does not read it). Returns (those setting names, rows)."""
-    from cifarlab.fileio import read_json
-
-    from cifarlab.config import READ_BY, STUDIES
-
     runs = [RunDir.open(p) for p in find_runs(paths)]
     # a setting a run's study does not read is None for it, and does not count as a difference
     configs = [{key: (value if cfg["study"] in READ_BY.get(key, STUDIES) else None) for key, value in cfg.items()}
@@ -255,18 +261,17 @@ def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
     rows = []
     for run, cfg in zip(runs, configs):
         summary = read_json(run.path / "summary.json")
-        tests = [r for r in run.metrics if r["split"] == "test"]
-        best = max(tests, key=lambda r: r["accuracy"]) if tests else None
+        final, best = last_and_best_test(run.metrics)
         rows.append({
             "run": str(run.path),
             "study": cfg["study"],
             "step": run.metrics[-1]["step"] if run.metrics else 0,
             "steps": cfg["steps"],
             "finished": bool(summary),
-            "test_accuracy": tests[-1]["accuracy"] if tests else None,
+            "test_accuracy": final and final["accuracy"],
             "best_test_accuracy": best and best["accuracy"],
             "best_test_step": best and best["step"],
-            "test_loss": tests[-1]["loss"] if tests else None,
+            "test_loss": final and final["loss"],
             "ms_per_step": summary.get("ms_per_step"),
             "device": summary.get("device"),
             **{key: cfg[key] for key in differing},

@@ -267,7 +267,7 @@ class TransferTask(ClassifierTask):
 
     def summary(self) -> dict:
         return {"backbone": self.cfg.backbone, "backbone_weights": self.backbone.weights_source,
-                "feature_cache": bool(self.cached) or self.cache_seconds > 0,
+                "feature_cache": bool(self.cached),
                 "feature_cache_seconds": round(self.cache_seconds, 3)}
 
     def parameters_to_unfreeze(self, step: int) -> list:
