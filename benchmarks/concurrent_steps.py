@@ -26,8 +26,9 @@ import multiprocessing as mp
 import time
 
 
-def _ready_runner(preset: str, overrides: dict, dataset, warmup: int):
-    """A trainer's step runner for the preset, past its warm-up (and CUDA-graph capture)."""
+def ready_runner(preset: str, overrides: dict, dataset, warmup: int):
+    """A trainer's step runner for the preset, past its warm-up (and CUDA-graph capture);
+    `profile_step.py` profiles the same runner."""
     import torch
 
     from cifarlab.engine import Trainer, make_autocast, resolve_device
@@ -55,7 +56,7 @@ def _worker(preset: str, overrides: dict, data: str | None, steps: int, warmup: 
     if threads:
         torch.set_num_threads(threads)
     try:
-        runner, sync = _ready_runner(preset, overrides, load_cifar10(data, progress=False), warmup)
+        runner, sync = ready_runner(preset, overrides, load_cifar10(data, progress=False), warmup)
     except BaseException:
         barrier.abort()  # the others must not wait for this one
         raise
@@ -78,7 +79,7 @@ def measure_threads(n: int, args, overrides: dict, dataset) -> tuple[float, floa
     runners = []
     for stream in streams:  # captured one after another: a capture must not overlap other work
         with torch.cuda.stream(stream) if cuda else _nothing():
-            runners.append(_ready_runner(args.preset, overrides, dataset, args.warmup))
+            runners.append(ready_runner(args.preset, overrides, dataset, args.warmup))
     barrier, spans = threading.Barrier(n), [None] * n
 
     def work(i: int) -> None:

@@ -10,9 +10,10 @@
 # step's time limit is cut to what is left (less what step 4 needs to wrap up), and a step with
 # too little time is skipped and says so. PARTS (default 01234) picks the steps:
 #   0. the CUDA-only tests (graph capture and its fallback)
-#   1. step time: cifarlab (fp32 graph, no graph, bf16) against the plain PyTorch loop
+#   1. step time: cifarlab (fp32 graph, no graph, bf16) against the plain PyTorch loop; then
+#      where the step's GPU time goes (the top kernels of the ConvNet, Siamese and Lite0 steps)
 #   2. the default 15,000-step ConvNet run, fp32 and bf16: test accuracy and training time
-#   3. processes at once on the GPU (aggregate steps/s for 1, 2, 4, 8): the --jobs choice;
+#   3. processes at once on the GPU (aggregate steps/s for 1, 2, 4): the --jobs choice;
 #      the same with threads on CUDA streams of one process, for comparison
 #   4. `cifarlab reproduce --steps-scale 1 --jobs N` (N from step 3, else $JOBS, else 4;
 #      transfer on Lite0: no VGG-16 weights there), stopped with Ctrl-C when the time is up;
@@ -39,7 +40,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     device=cpu time_steps=3 b128=(--steps 20 --eval-every 10) procs=1,2 conc_steps=5
     repro=(--steps-scale 0.0004 --only study1 --max-evals 1)
 else
-    device=cuda time_steps=300 b128=() procs=1,2,4,8 conc_steps=1000 repro=(--steps-scale 1)
+    device=cuda time_steps=300 b128=() procs=1,2,4 conc_steps=1000 repro=(--steps-scale 1)
 fi
 work=${WORK:-/tmp/gpu-check}
 mkdir -p "$out" "$work"
@@ -58,14 +59,22 @@ echo "set-up: $(( $(date +%s) - t0 )) s"
 
 if wants 0; then
     echo "== 0. CUDA-only tests"
-    limited 90 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k "on_cuda or captured" 2>&1 | tail -3
+    limited 90 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k "on_cuda or captured" \
+        > "$out/cuda-tests.txt" 2>&1
+    tail -3 "$out/cuda-tests.txt"
 fi
 
 if wants 1; then
     echo "== 1. step time (ms/step)"
-    limited 100 python3 benchmarks/step_time.py --data "$data" --device "$device" --steps "$time_steps" --rounds 2 \
+    limited 120 python3 benchmarks/step_time.py --data "$data" --device "$device" --steps "$time_steps" --rounds 1 \
         > "$out/step_time.txt" 2>&1
     tail -10 "$out/step_time.txt"
+    echo "== 1. where a step's time goes (eager, under torch.profiler)"
+    for preset in classifier-b128 siamese-exp1 transfer-refine; do
+        limited 40 python3 benchmarks/profile_step.py --data "$data" --device "$device" --preset "$preset" \
+            --steps 20 --rows 12 --set backbone=efficientnet-lite0 > "$out/profile-$preset.txt" 2>&1
+        grep -m1 "ms/step" "$out/profile-$preset.txt"
+    done
 fi
 
 if wants 2; then

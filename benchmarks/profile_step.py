@@ -1,45 +1,58 @@
-"""Where a training step of the ConvNet spends its time on this machine (torch.profiler, CPU).
+"""Where a training step spends its time: torch.profiler over a preset's real step, CPU or GPU.
 
-    python benchmarks/profile_step.py [--batch-size 128] [--threads 1] [--steps 5]
+    python benchmarks/profile_step.py --data DIR [--preset classifier-b128] [--device auto]
+                                      [--steps 20] [--threads N] [--rows 15] [--set KEY=VALUE ...]
 
-Prints the operators by self time. Used to bound what any loop can gain over a plain one: the
-convolutions run the same kernels in both.
+The step is the one `cifarlab train` runs (same task, model, memory format and optimizer), built
+by `concurrent_steps.ready_runner`. On a GPU it runs eagerly (`cuda_graph=false`) so that each
+kernel is seen; a graph replays the same kernels without the launch gaps, so the kernel table
+says what a captured step costs, and `ms/step` below (eager) against `step_time.py` (captured)
+says what launching costs. Operators (CPU) or kernels (GPU) are sorted by their own time.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cifarlab.models import convnet
+from concurrent_steps import ready_runner
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--preset", default="classifier-b128")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads [default: torch's choice]")
+    ap.add_argument("--rows", type=int, default=15)
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE for the preset")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    fmt = torch.channels_last
-    model = convnet().to(memory_format=fmt)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
-    x = torch.randn(args.batch_size, 3, 32, 32).to(memory_format=fmt)
-    y = torch.randint(0, 10, (args.batch_size,))
+    from cifarlab.config import parse_settings
+    from cifarlab.data import load_cifar10
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    for _ in range(3):
-        step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(args.steps):
-            step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {"device": args.device, "tensorboard": False, "cuda_graph": False, **parse_settings(args.set)}
+    runner, sync = ready_runner(args.preset, overrides, load_cifar10(args.data, progress=False), warmup=5)
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for step in range(5, 5 + args.steps):
+            runner.run(step)
+        sync()
+    ms = 1000 * (time.perf_counter() - start) / args.steps
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    busy = sum(getattr(e, key) for e in events) / args.steps / 1000
+    where = "GPU kernels" if cuda else "CPU operators"
+    print(f"{args.preset} on {'cuda' if cuda else 'cpu'}, {args.steps} eager steps under the profiler: "
+          f"{ms:.2f} ms/step, {busy:.2f} ms/step of {where}")
+    print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -9,14 +9,19 @@ through its own engine (`Trainer.runner`), exactly as `cifarlab train classifier
                                   [--variants channels_last,contiguous,no-graph,bf16]
 
 Each configuration is timed in `--rounds` alternating rounds (to share out the machine's
-noise fairly) and the median ms/step is reported.
+noise fairly) and the median ms/step is reported. Every timing runs in a fresh process:
+cifarlab's process-wide choices (cuDNN autotuning and TF32 on a GPU, keeping freed memory on a
+CPU) must not reach the plain loop, nor one timing the next.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +41,10 @@ VARIANTS = {
     "contiguous": {"memory_format": "contiguous"},
     "no-graph": {"memory_format": "channels_last", "cuda_graph": False},
     "bf16": {"memory_format": "channels_last", "precision": "bf16"},
+    # glibc's default allocator behaviour: freed activation memory goes back to the OS
+    "malloc-default": {"memory_format": "channels_last", "keep_freed_memory": False},
 }
+PLAIN = "plain loop (DataLoader)"
 
 
 def plain_model() -> nn.Module:
@@ -79,6 +87,9 @@ def time_plain(data, batch_size: int, steps: int, warmup: int, device: torch.dev
 
 
 def time_cifarlab(data, batch_size: int, steps: int, warmup: int, device: torch.device, **cfg) -> float:
+    if not cfg.pop("keep_freed_memory", True):
+        os.environ["CIFARLAB_KEEP_FREED_MEMORY"] = "0"
+    device = resolve_device(str(device))
     config = Config(batch_size=batch_size, device=str(device), tensorboard=False, **cfg)
     autocast = make_autocast(config.precision, device)
     task = build_task(config, device, autocast, data=data, progress=False)
@@ -90,6 +101,19 @@ def time_cifarlab(data, batch_size: int, steps: int, warmup: int, device: torch.
         trainer.runner.run(step)
     sync(device)
     return 1000 * (time.perf_counter() - start) / steps
+
+
+def timed(loop: str, data_dir, batch_size: int, steps: int, warmup: int, device: str) -> float:
+    """ms/step of one loop (PLAIN or a VARIANTS name), run in a fresh process by `main`."""
+    data = load_cifar10(data_dir, progress=False)
+    if loop == PLAIN:
+        return time_plain(data, batch_size, steps, warmup, torch.device(device))
+    return time_cifarlab(data, batch_size, steps, warmup, torch.device(device), **VARIANTS[loop])
+
+
+def in_fresh_process(*args) -> float:
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(timed, *args).result()
 
 
 def main() -> None:
@@ -104,30 +128,27 @@ def main() -> None:
                         help=f"cifarlab variants to time, from {', '.join(VARIANTS)} "
                              "[default: channels_last,contiguous on CPU; channels_last,no-graph,bf16 on CUDA]")
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    variants = (args.variants or ("channels_last,no-graph,bf16" if device.type == "cuda"
-                                  else "channels_last,contiguous")).split(",")
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    variants = (args.variants or ("channels_last,no-graph,bf16" if cuda else "channels_last,contiguous")).split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
-    data = load_cifar10(args.data, progress=False)
+    load_cifar10(args.data, progress=False)  # build the decoded cache once, before any timing
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.steps} timed steps x {args.rounds} rounds")
+          f"{args.steps} timed steps x {args.rounds} rounds, each in a fresh process")
     print(f"{'batch':>5}  {'loop':<28} {'ms/step':>9}  {'speed-up':>8}")
     for batch_size in map(int, args.batch_sizes.split(",")):
-        runs = {"plain loop (DataLoader)": lambda: time_plain(data, batch_size, args.steps, args.warmup, device)}
-        for name in variants:
-            runs[f"cifarlab ({name})"] = (lambda v=VARIANTS[name]: time_cifarlab(
-                data, batch_size, args.steps, args.warmup, device, **v))
-        times = {name: [] for name in runs}
+        loops = [PLAIN, *variants]
+        times = {loop: [] for loop in loops}
         for _ in range(args.rounds):
-            for name, fn in runs.items():
-                times[name].append(fn())
-        base = statistics.median(times["plain loop (DataLoader)"])
-        for name, ts in times.items():
+            for loop in loops:
+                times[loop].append(in_fresh_process(loop, args.data, batch_size, args.steps, args.warmup, device))
+        base = statistics.median(times[PLAIN])
+        for loop, ts in times.items():
             ms = statistics.median(ts)
-            print(f"{batch_size:>5}  {name:<28} {ms:>9.1f}  {base / ms:>7.2f}x")
-
+            name = loop if loop == PLAIN else f"cifarlab ({loop})"
+            print(f"{batch_size:>5}  {name:<28} {ms:>9.1f}  {base / ms:>7.2f}x", flush=True)
 
 if __name__ == "__main__":
     main()

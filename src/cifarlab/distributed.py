@@ -200,5 +200,9 @@ def launch(cfg: Config) -> Iterator[Solo]:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     try:
         yield Distributed(rank, world_size, device)
+        # All ranks reach the end before any tears its connections down: a rank whose peer had
+        # already left was once seen to abort in gloo's shutdown ("terminate called without an
+        # active exception"). Not after an error: the others may never come.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

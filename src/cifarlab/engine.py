@@ -7,12 +7,16 @@ CUDA-graph fast path and data-parallel training over torchrun's processes (distr
 
 Speed rules: the data lives on the device as one tensor and a batch is drawn by index;
 nothing in the inner loop waits for the device except at log, eval and checkpoint steps;
-on CUDA the whole step (gather, forward, backward, Adam) is replayed as one CUDA graph.
+on CUDA the whole step (gather, forward, backward, Adam) is replayed as one CUDA graph; on a
+CPU freed activation memory is kept for the next step rather than handed back to the OS.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import sys
 import signal
 import threading
 import time
@@ -63,7 +67,33 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+    elif os.environ.get("CIFARLAB_KEEP_FREED_MEMORY", "1") != "0":
+        keep_freed_memory()
     return device
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory in the process heap for the next allocation (process-wide).
+
+    A CPU step frees and allocates the same large buffers every step (conv1's output is 32 MiB
+    at batch 128). By default glibc maps each such buffer fresh from the OS and unmaps it when
+    freed, so every step pays page faults and the kernel zeroing new pages: about a quarter of a
+    2-core step (benchmarks/profile_step.py). Turning off mmap for large blocks and trimming
+    keeps them in the heap instead; the process holds on to its peak memory. Returns whether it
+    applied (glibc only; elsewhere nothing changes). CIFARLAB_KEEP_FREED_MEMORY=0 turns it off
+    in `resolve_device`."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def rng_state(device: torch.device) -> dict:
@@ -194,12 +224,14 @@ class StepRunner:
             with torch.cuda.stream(side):
                 self._step(self.static_inputs)
                 previous = torch.cuda.get_sync_debug_mode()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    for _ in range(2):
-                        self._step(self.static_inputs)
-                finally:
-                    torch.cuda.set_sync_debug_mode(previous)
+                with warnings.catch_warnings():  # torch warns at each switch that the mode is a prototype
+                    warnings.filterwarnings("ignore", message="Synchronization debug mode is a prototype")
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        for _ in range(2):
+                            self._step(self.static_inputs)
+                    finally:
+                        torch.cuda.set_sync_debug_mode(previous)
         finally:
             torch.cuda.current_stream(self.device).wait_stream(side)
 
