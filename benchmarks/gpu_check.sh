@@ -37,10 +37,10 @@ limited() {
 }
 wants() { [[ $parts == *$1* ]]; }
 if [ "${QUICK:-0}" = 1 ]; then
-    device=cpu time_steps=3 b128=(--steps 20 --eval-every 10) procs=1,2 conc_steps=5
+    device=cpu time_steps=3 prof_steps=2 b128=(--steps 20 --eval-every 10) procs=1,2 conc_steps=5
     repro=(--steps-scale 0.0004 --only study1 --max-evals 1)
 else
-    device=cuda time_steps=300 b128=() procs=1,2,4 conc_steps=1000 repro=(--steps-scale 1)
+    device=cuda time_steps=300 prof_steps=20 b128=() procs=1,2,4 conc_steps=1000 repro=(--steps-scale 1)
 fi
 work=${WORK:-/tmp/gpu-check}
 mkdir -p "$out" "$work"
@@ -72,7 +72,7 @@ if wants 1; then
     echo "== 1. where a step's time goes (eager, under torch.profiler)"
     for preset in classifier-b128 siamese-exp1 transfer-refine; do
         limited 40 python3 benchmarks/profile_step.py --data "$data" --device "$device" --preset "$preset" \
-            --steps 20 --rows 12 --set backbone=efficientnet-lite0 > "$out/profile-$preset.txt" 2>&1
+            --steps "$prof_steps" --rows 12 --set backbone=efficientnet-lite0 > "$out/profile-$preset.txt" 2>&1
         grep -m1 "ms/step" "$out/profile-$preset.txt"
     done
 fi
