@@ -38,7 +38,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     overrides = {"device": args.device, "tensorboard": False, "cuda_graph": False, **parse_settings(args.set)}
     runner, sync = ready_runner(args.preset, overrides, load_cifar10(args.data, progress=False), warmup=5)
-    cuda = torch.cuda.is_available() and args.device != "cpu"
+    cuda = runner.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     start = time.perf_counter()
     with profile(activities=activities) as prof:

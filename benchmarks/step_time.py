@@ -6,7 +6,7 @@ textbook model (conv -> ReLU -> nn.MaxPool2d(3, 2, padding=1)), NCHW fp32, a Ten
 through its own engine (`Trainer.runner`), exactly as `cifarlab train classifier` steps.
 
     python benchmarks/step_time.py --data DIR [--batch-sizes 64,128] [--steps 40] [--device cpu]
-                                  [--variants channels_last,contiguous,no-graph,bf16]
+                                  [--variants channels_last,contiguous,no-graph,bf16,malloc-default]
 
 Each configuration is timed in `--rounds` alternating rounds (to share out the machine's
 noise fairly) and the median ms/step is reported. Every timing runs in a fresh process:
@@ -86,10 +86,10 @@ def time_plain(data, batch_size: int, steps: int, warmup: int, device: torch.dev
     return 1000 * (time.perf_counter() - start) / steps
 
 
-def time_cifarlab(data, batch_size: int, steps: int, warmup: int, device: torch.device, **cfg) -> float:
+def time_cifarlab(data, batch_size: int, steps: int, warmup: int, device_name: str, **cfg) -> float:
     if not cfg.pop("keep_freed_memory", True):
         os.environ["CIFARLAB_KEEP_FREED_MEMORY"] = "0"
-    device = resolve_device(str(device))
+    device = resolve_device(device_name)  # cifarlab's device choices (cuDNN, allocator) for this process
     config = Config(batch_size=batch_size, device=str(device), tensorboard=False, **cfg)
     autocast = make_autocast(config.precision, device)
     task = build_task(config, device, autocast, data=data, progress=False)
@@ -108,7 +108,7 @@ def timed(loop: str, data_dir, batch_size: int, steps: int, warmup: int, device:
     data = load_cifar10(data_dir, progress=False)
     if loop == PLAIN:
         return time_plain(data, batch_size, steps, warmup, torch.device(device))
-    return time_cifarlab(data, batch_size, steps, warmup, torch.device(device), **VARIANTS[loop])
+    return time_cifarlab(data, batch_size, steps, warmup, device, **VARIANTS[loop])
 
 
 def in_fresh_process(*args) -> float:
@@ -149,6 +149,7 @@ def main() -> None:
             ms = statistics.median(ts)
             name = loop if loop == PLAIN else f"cifarlab ({loop})"
             print(f"{batch_size:>5}  {name:<28} {ms:>9.1f}  {base / ms:>7.2f}x", flush=True)
+
 
 if __name__ == "__main__":
     main()

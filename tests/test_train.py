@@ -252,7 +252,6 @@ def test_on_cuda_a_task_that_syncs_falls_back_and_a_clean_one_is_captured(tmp_pa
     """On a real GPU: the graph path gives the eager path's results (no dropout), and a task
     whose loss reads a value back to the host is caught by the warm-up and trains eagerly."""
     import json
-    import math
 
     import cifarlab.train as train_module
 
@@ -262,12 +261,12 @@ def test_on_cuda_a_task_that_syncs_falls_back_and_a_clean_one_is_captured(tmp_pa
     eager, _ = train(cfg.replace(cuda_graph=False), out=str(tmp_path / "eager"), progress=False, data=data)
     assert graph_summary["cuda_graph"] is True and "cuda_graph_failure" not in graph_summary
 
-    def assert_close(run_a, run_b):  # the same kernels, but summed in other orders: close, not equal
+    def assert_close(run_a, run_b):  # the same deterministic kernels in both: equal up to rounding
         a, b = metric_values(run_a.path), metric_values(run_b.path)
         assert len(a) == len(b) == 6  # train and test at steps 10, 20 and 30
         for (s1, p1, l1, a1), (s2, p2, l2, a2) in zip(a, b):
             assert (s1, p1) == (s2, p2)
-            assert math.isclose(float(l1), float(l2), rel_tol=1e-3, abs_tol=1e-5), (s1, p1, l1, l2)
+            assert abs(float(l1) - float(l2)) < 1e-3, (s1, p1, l1, l2)
             assert abs(float(a1) - float(a2)) < 0.01, (s1, p1, a1, a2)
 
     assert_close(graph, eager)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import sys
 import signal
+import sys
 import threading
 import time
 import warnings
