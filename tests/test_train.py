@@ -299,8 +299,10 @@ def test_on_cuda_a_task_that_syncs_falls_back_and_a_clean_one_is_captured(tmp_pa
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_on_cpu_freed_activation_memory_is_reused_without_page_faults():
     """resolve_device("cpu") keeps freed memory in the heap: a 48 MiB buffer (too large for
-    glibc's own reuse) allocated again after a free maps no new pages. In a fresh process, since
-    the setting is process-wide and cannot be undone."""
+    glibc's own reuse) allocated again after a free maps no new pages once the heap has grown.
+    It may grow a few times first (small allocations made between two large ones keep a freed
+    block from merging back; CI saw seven), so the test allows a few buffers of growth and then
+    wants none. In a fresh process, since the setting is process-wide and cannot be undone."""
     code = """if True:
         import resource, torch
         from cifarlab.engine import resolve_device
@@ -313,12 +315,12 @@ def test_on_cpu_freed_activation_memory_is_reused_without_page_faults():
 
         default = page_faults()
         resolve_device("cpu")
-        page_faults()  # the heap grows once
-        print(default, page_faults())
+        print(default, *[page_faults() for _ in range(12)])
     """
     env = {**os.environ, "CIFARLAB_KEEP_FREED_MEMORY": "1"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
-    default, kept = map(int, res.stdout.split())
+    default, *kept = map(int, res.stdout.split())
     assert default > 5 * 1000  # 12,288 pages of 4 KiB per buffer, mapped anew each time
-    assert kept < default / 50
+    assert sum(kept) < 2 * default  # 60 allocations map at most ~10 buffers' worth (default: 60)
+    assert sum(kept[-4:]) < default / 50  # and then the heap has stopped growing
