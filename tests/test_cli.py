@@ -1,19 +1,40 @@
 """The command line end to end on tiny image folders, as a user runs it."""
 
+import io
 import json
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
+from cifarlab.cli import main
 from conftest import make_image_folders
 
 
-def cifarlab(*args, cwd=None):
+def cifarlab_process(*args):
+    """`python -m cifarlab ARGS` in a fresh process: the entry point exactly as a user meets it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "cifarlab", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=300)
+                          text=True, env=env, timeout=300)
+
+
+def cifarlab(*args):
+    """The same entry point (`cli.main`) in this process, with its output and exit status captured:
+    a fresh process would spend seconds importing torch again for every call."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["cifarlab", *map(str, args)]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +42,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     data = make_image_folders(root / "data", 4)
     run = root / "run"
-    res = cifarlab("train", "classifier", "--data", data, "--steps", 6, "--batch-size", 8, "--eval-every", 3,
+    res = cifarlab_process("train", "classifier", "--data", data, "--steps", 6, "--batch-size", 8, "--eval-every", 3,
                    "--checkpoint-every", 3, "--out", run, "--device", "cpu", "--quiet")
     return data, run, res
 
@@ -108,7 +129,7 @@ def test_bad_flags_give_one_error_line(trained, tmp_path, args, message):
 
 
 def test_missing_data_names_the_three_ways(tmp_path):
-    res = cifarlab("data", "--data", tmp_path / "empty", "--no-download")
+    res = cifarlab_process("data", "--data", tmp_path / "empty", "--no-download")
     assert res.returncode == 2 and res.stderr.startswith("error:")
     assert "cifar-10-python.tar.gz" in res.stderr and "cifar-10-batches-py" in res.stderr
 

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,27 @@ def torchrun(cwd, study, *args, nproc=2):
     return res
 
 
+def ranks(cwd, study, *args, nproc=2):
+    """The processes torchrun would start, each with the environment it would give them, but
+    without its launcher (one more torch import per call). The classifier test goes through
+    torchrun itself; the others test what the ranks do."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    cmd = [sys.executable, "-m", "cifarlab", "train", study, "--distributed", "--quiet", *args]
+    logs = [Path(cwd) / f"rank-{rank}.log" for rank in range(nproc)]
+    procs = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as f:  # a file, not a pipe: no rank can block on a full pipe
+            procs.append(subprocess.Popen(cmd, cwd=cwd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                          stdout=f, stderr=subprocess.STDOUT))
+    codes = [p.wait(timeout=300) for p in procs]
+    output = "".join(log.read_text() for log in logs)
+    for log in logs:
+        log.unlink()
+    assert codes == [0] * nproc, output
+
+
 def assert_same_weights(a, b, step, lr=SHARED["lr"]):
     """Equal within float tolerance, with one allowance: Adam divides by sqrt(v) + eps, so where
     a gradient is ~0 a rounding-level difference (the batch sum is split over two ranks) can move
@@ -123,7 +145,7 @@ def test_two_processes_equal_one_only_rank_0_writes_and_resume_works(tmp_path, c
 def test_siamese_two_processes_equal_one(tmp_path, cifar_dir):
     cfg = Config.for_study("siamese", steps=5, val_tuples=4, data=str(cifar_dir), **SHARED)
     one, _ = train(cfg, out=str(tmp_path / "one"), progress=False)
-    torchrun(tmp_path, "siamese", "--out", "two", *flags(steps=5, val_tuples=4, data=cifar_dir, **SHARED))
+    ranks(tmp_path, "siamese", "--out", "two", *flags(steps=5, val_tuples=4, data=cifar_dir, **SHARED))
     assert_same_weights(one.path, tmp_path / "two", 5)
     assert_same_train_means(one.path, tmp_path / "two")
 
@@ -133,7 +155,7 @@ def test_transfer_rewraps_ddp_when_the_backbone_unfreezes(tmp_path, cifar_dir):
                     backbone="efficientnet-lite0", backbone_weights="none")
     one, _ = train(Config.for_study("transfer", data=str(cifar_dir), **settings), out=str(tmp_path / "one"),
                    progress=False)
-    torchrun(tmp_path, "transfer", "--out", "two", *flags(data=cifar_dir, **settings))
+    ranks(tmp_path, "transfer", "--out", "two", *flags(data=cifar_dir, **settings))
     backbone = "stages.pool5.body._conv_stem.weight"
     before, after = (load_file(str(tmp_path / "two" / "checkpoints" / f"step-{s}.safetensors")) for s in (3, 6))
     assert not torch.equal(before[backbone], after[backbone])  # the backbone trained after K

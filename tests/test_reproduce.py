@@ -22,6 +22,14 @@ QUICK = dict(steps_scale=0.0004, max_evals=2, device="cpu", tsne_points=120, pro
              overrides={"batch_size": 16, "val_tuples": 10, "tensorboard": False})
 
 
+@pytest.fixture
+def training_only(monkeypatch):
+    """Leave out the OvR and t-SNE step for tests about training runs: `reproduced` covers it."""
+    import cifarlab.reproduce as rep
+
+    monkeypatch.setattr(rep, "analyse", lambda *args, **kwargs: None)
+
+
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
     """study1 + study2 reproduced once (with its own cache folder), and the log it printed."""
@@ -130,7 +138,7 @@ def test_the_report_puts_ours_beside_the_seeds(reproduced):
     assert "Transfer" in html and "not drawn" in html  # no transfer runs: said, not drawn
 
 
-def test_interrupted_runs_resume_and_foreign_ones_are_refused(tmp_path):
+def test_interrupted_runs_resume_and_foreign_ones_are_refused(tmp_path, training_only):
     data = make_image_folders(tmp_path / "data", 4)
     out = tmp_path / "out"
     quick = dict(QUICK, overrides={"batch_size": 8, "tensorboard": False}, max_evals=None)
@@ -148,7 +156,7 @@ def test_interrupted_runs_resume_and_foreign_ones_are_refused(tmp_path):
     (out / "classifier-b128").mkdir()
     # the same settings as planned (the override makes both batch sizes 8), but no checkpoint
     (out / "classifier-b128" / "config.toml").write_text((out / "classifier-b64" / "config.toml").read_text())
-    state = reproduce(out, data=data, only="study1", **{**quick, "tsne_points": 30})
+    state = reproduce(out, data=data, only="study1", **quick)
     assert state["runs"]["classifier-b64"]["note"] == "resumed"
     steps = [int(line.split(",")[0]) for line in (out / "classifier-b64" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps[-1] == 6 and json.loads((out / "classifier-b64" / "summary.json").read_text())["steps"] == 6
@@ -169,7 +177,7 @@ def test_missing_backbone_weights_skip_the_transfer_runs(tmp_path, monkeypatch):
     assert md.count("skipped: see note 1 below") == 5 and "Note 1: skipped: backbone weights unavailable" in md
 
 
-def test_jobs_train_runs_in_parallel_processes(tmp_path):
+def test_jobs_train_runs_in_parallel_processes(tmp_path, training_only):
     data = make_image_folders(tmp_path / "data", 30)
     state = reproduce(tmp_path / "out", data=data, only="study2", jobs=2, **{**QUICK, "steps_scale": 0.0002})
     assert [r["status"] for r in state["runs"].values()] == ["finished"] * 3
@@ -179,7 +187,7 @@ def test_jobs_train_runs_in_parallel_processes(tmp_path):
         assert summary["steps"] == 10 and f"cpu ({threads} threads" in summary["device"]
 
 
-def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
+def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, training_only):
     import cifarlab.reproduce as rep
 
     real = rep.train_one
@@ -193,7 +201,7 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rep, "train_one", train_one)
     data = make_image_folders(tmp_path / "data", 4)
-    quick = dict(QUICK, overrides={"batch_size": 8, "tensorboard": False}, tsne_points=30)
+    quick = dict(QUICK, overrides={"batch_size": 8, "tensorboard": False})
     state = reproduce(tmp_path / "out", data=data, only="study1", **quick)
     assert state["runs"]["classifier-b64-wd0.01"] == {
         "status": "failed", "note": "RuntimeError: out of memory (at test_reproduce.py:%d)" % (
@@ -204,13 +212,13 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
     assert "| failed: a clear reason |" in md
 
 
-def test_ctrl_c_stops_reproduce_and_the_next_call_resumes(tmp_path, monkeypatch):
+def test_ctrl_c_stops_reproduce_and_the_next_call_resumes(tmp_path, monkeypatch, training_only):
     import signal
 
     import cifarlab.engine as engine
 
     data = make_image_folders(tmp_path / "data", 4)
-    quick = dict(QUICK, overrides={"batch_size": 8, "tensorboard": False}, tsne_points=30, max_evals=None,
+    quick = dict(QUICK, overrides={"batch_size": 8, "tensorboard": False}, max_evals=None,
                  steps_scale=0.0008)  # 12 steps, checkpoints every 4
     real_run = engine.StepRunner.run
 

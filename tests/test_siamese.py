@@ -153,8 +153,9 @@ def test_short_run_lowers_validation_loss(tmp_path, sampler):
 
 def test_siamese_resume_equals_uninterrupted(tmp_path):
     data = synthetic_cifar(30, 10)
-    cfg = siamese_cfg(steps=40, sampler="random", dropout=0.2)
+    cfg = siamese_cfg(steps=20, eval_every=10, checkpoint_every=10, sampler="random", dropout=0.2)
     full, _ = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
-    part, _ = train(cfg.replace(steps=20), out=str(tmp_path / "part"), progress=False, data=data)
-    resumed, _ = train(cfg, resume=part.path, overrides={"steps": 40}, progress=False, data=data)
+    part, _ = train(cfg.replace(steps=10), out=str(tmp_path / "part"), progress=False, data=data)
+    resumed, _ = train(cfg, resume=part.path, overrides={"steps": 20}, progress=False, data=data)
+    assert [row[:2] for row in metric_values(full.path)][-3:] == [("20", "train"), ("20", "val"), ("20", "test")]
     assert metric_values(resumed.path) == metric_values(full.path)

@@ -34,7 +34,9 @@ def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | No
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    # fixed margins for this fixed layout: tight_layout measured every label and cost a third of
+    # the drawing time, paid at the end of every run
+    fig.subplots_adjust(left=0.06, right=0.985, bottom=0.11, top=0.9 if title else 0.96, wspace=0.17)
     out = Path(out)
     write_with(out, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
