@@ -87,9 +87,16 @@ def dump_pickle(obj, path: Path, py2_bytes_keys: bool = True) -> None:
 
 def make_cifar_python(root: Path, n_per_class: int, py2_bytes_keys: bool = True) -> Path:
     """root/cifar-10-batches-py/ as in the official archive (CHW rows); returns that folder."""
+    return write_cifar_python(root, tiny_arrays(n_per_class), py2_bytes_keys)
+
+
+def write_cifar_python(root: Path, arrays, py2_bytes_keys: bool = True) -> Path:
+    """`arrays` (a dict, or a Cifar10 data set, with train/test images NHWC and labels) written as
+    root/cifar-10-batches-py/; returns that folder."""
+    if not isinstance(arrays, dict):
+        arrays = {key: getattr(arrays, key) for key in ("train_images", "train_labels", "test_images", "test_labels")}
     folder = Path(root) / BATCHES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = tiny_arrays(n_per_class)
     train_parts = np.array_split(np.arange(len(arrays["train_labels"])), len(TRAIN_BATCHES))
     batches = {
         "train": dict(zip(TRAIN_BATCHES, train_parts)),

@@ -140,6 +140,17 @@ def test_help_explains_every_flag():
     for flag in ("--steps", "--batch-size", "--lr", "--eval-every", "--checkpoint-every", "--seed",
                  "--dropout", "--weight-decay", "--device", "--out", "--resume", "--precision"):
         assert flag in res.stdout
+    text = " ".join(res.stdout.split())  # as wrapped for the terminal
+    assert "[default: 15000; siamese 50000; transfer 10000]" in text  # not taken for a markup tag
+    assert "in cifarlab[lite0]" in " ".join(cifarlab("reproduce", "--help").stdout.split())
+
+
+def test_train_options_before_the_study_are_refused_not_dropped(tmp_path):
+    res = cifarlab("train", "--preset", "classifier-b64", "--out", tmp_path / "x", "classifier", "--steps", 5)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: options go after the study's name: `cifarlab train classifier --preset classifier-b64 "
+        f"--out {tmp_path / 'x'} ...`")
+    assert not (tmp_path / "x").exists()
 
 
 def test_presets_are_listed_and_flags_override_them(trained, tmp_path):

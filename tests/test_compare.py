@@ -51,3 +51,16 @@ def test_a_path_that_holds_no_run_is_one_clear_error(tmp_path):
         compare_runs([tmp_path / "empty"])
     with pytest.raises(CifarlabError, match="missing: neither"):
         compare_runs([tmp_path / "missing"])
+
+
+def test_a_run_resumed_to_more_steps_is_unfinished_until_it_gets_there(tmp_path):
+    import torch
+
+    run = fake_run(tmp_path / "run", Config(steps=30), [(10, 2.0, 0.3), (30, 1.6, 0.45)], True)
+    run.write_config(Config(steps=50))  # `--resume RUN --steps 50`, stopped before the end
+    run.checkpoints.mkdir()
+    run.save_training_state({"step": 35, "optimizer": {"state": {0: {"exp_avg": torch.zeros(1000)}}}})  # Ctrl-C
+    (row,) = compare_runs([run.path])[1]
+    assert (row["step"], row["steps"], row["finished"], row["ms_per_step"]) == (35, 50, False, None)
+    assert RunDir.open(run.path).summary() == {}
+    assert RunDir.open(run.path).summary(30)["steps"] == 30

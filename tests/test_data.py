@@ -311,7 +311,7 @@ def test_second_load_comes_from_the_cache_outside_the_data_dir(tmp_path, isolate
     before = files_under(root)
     first, second = load(root), load(root)
     assert (first.from_cache, second.from_cache) == (False, True)
-    assert first.cache == second.cache and first.cache.parent == isolated_cache
+    assert first.cache == second.cache and first.cache.parent == isolated_cache / "decoded"  # beside weights/
     assert_arrays(second, tiny_arrays(N))
     assert files_under(root) == before
 
@@ -350,7 +350,7 @@ def test_touched_source_file_rebuilds_the_cache(tmp_path, isolated_cache):
     os.utime(png, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     second = load(root)
     assert not second.from_cache and second.cache != first.cache
-    assert list(isolated_cache.glob("*.npz")) == [second.cache]  # the stale one is gone
+    assert list((isolated_cache / "decoded").glob("*.npz")) == [second.cache]  # the stale one is gone
 
 
 def test_changed_pixels_are_picked_up(tmp_path):

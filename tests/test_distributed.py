@@ -7,17 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from cifarlab import CifarlabError
 from cifarlab.config import Config
-from cifarlab.data import BATCHES_DIR, CLASSES, META_FILE, TEST_BATCH, TRAIN_BATCHES
 from cifarlab.distributed import TORCHRUN_ENV, Distributed
 from cifarlab.train import train
-from conftest import dump_pickle
+from conftest import write_cifar_python
 from synthetic import synthetic_cifar
 from test_train import metric_values
 
@@ -27,17 +25,7 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory):
     """The learnable synthetic set as cifar-10-batches-py, for processes that load it from disk."""
-    data = synthetic_cifar(30, 4)
-    folder = tmp_path_factory.mktemp("data") / BATCHES_DIR
-    folder.mkdir()
-    parts = np.array_split(np.arange(len(data.train_labels)), len(TRAIN_BATCHES))
-    batches = [(name, data.train_images[i], data.train_labels[i]) for name, i in zip(TRAIN_BATCHES, parts)]
-    for name, x, y in batches + [(TEST_BATCH, data.test_images, data.test_labels)]:
-        rows = x.transpose(0, 3, 1, 2).reshape(-1, 3072)
-        dump_pickle({"batch_label": name, "labels": [int(v) for v in y], "data": rows,
-                     "filenames": [f"{i}.png" for i in range(len(y))]}, folder / name)
-    dump_pickle({"label_names": list(CLASSES)}, folder / META_FILE)
-    return folder.parent
+    return write_cifar_python(tmp_path_factory.mktemp("data"), synthetic_cifar(30, 4)).parent
 
 
 SHARED = dict(batch_size=16, lr=1e-4, eval_every=5, checkpoint_every=5, init="xavier", device="cpu",

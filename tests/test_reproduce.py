@@ -187,6 +187,24 @@ def test_jobs_train_runs_in_parallel_processes(tmp_path, training_only):
         assert summary["steps"] == 10 and f"cpu ({threads} threads" in summary["device"]
 
 
+def test_a_killed_worker_process_fails_its_run_alone(tmp_path):
+    from dataclasses import replace
+
+    from cifarlab.reproduce import _execute_parallel
+    from fake_workers import finish_or_die
+
+    runs = plan(tmp_path, ["study2"], 1.0)
+    runs[1] = replace(runs[1], path=runs[1].path.with_name(runs[1].name + "-die"))
+    log = []
+    records = _execute_parallel([(r, False) for r in runs], 2, False, log.append, worker=finish_or_die)
+    assert records == {
+        "siamese-exp1": {"status": "finished", "note": "trained"},
+        "siamese-exp2": {"status": "failed", "note": "its process was killed by SIGKILL (out of memory?)"},
+        "siamese-exp3": {"status": "finished", "note": "trained"},  # started after the death: the rest go on
+    }
+    assert log == ["  siamese-exp2 failed: its process was killed by SIGKILL (out of memory?)"]
+
+
 def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, training_only):
     import cifarlab.reproduce as rep
 

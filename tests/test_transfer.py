@@ -7,6 +7,7 @@ from cifarlab.config import Config
 from cifarlab.engine import make_autocast
 from cifarlab.studies import TransferTask
 from cifarlab.train import train
+from conftest import write_cifar_python
 from synthetic import synthetic_cifar
 from test_train import metric_values
 
@@ -51,8 +52,8 @@ def test_no_gradient_reaches_the_frozen_backbone(data):
     loss.backward()
     assert all(p.grad is None for p in task.backbone.parameters())
     assert task.model.stages["fc1"].linear.weight.grad is not None
-    assert task.parameters_to_unfreeze(2) == []
-    assert len(task.parameters_to_unfreeze(3)) == len(list(task.backbone.parameters()))
+    assert task.prepare_step(2) == []
+    assert len(task.prepare_step(3)) == len(list(task.backbone.parameters()))
 
 
 def test_feature_cache_gives_the_uncached_head_outputs(tmp_path, data):
@@ -61,6 +62,9 @@ def test_feature_cache_gives_the_uncached_head_outputs(tmp_path, data):
     cached = TransferTask(transfer_cfg(), data, CPU, autocast, progress=False)
     torch.manual_seed(0)
     direct = TransferTask(transfer_cfg(feature_cache=False), data, CPU, autocast, progress=False)
+    assert not cached.cached  # built when training starts, not when a task is made (eval, analysis)
+    for task in (cached, direct):
+        assert task.prepare_step(0) == []
     assert cached.cached and not direct.cached
     index = torch.arange(10)
     for task in (cached, direct):
@@ -81,6 +85,31 @@ def test_transfer_resume_across_k_equals_uninterrupted(tmp_path, data):
     part, _ = train(cfg.replace(steps=5), out=str(tmp_path / "part"), progress=False, data=data)
     resumed, _ = train(cfg, resume=part.path, overrides={"steps": 10}, progress=False, data=data)
     assert metric_values(resumed.path) == metric_values(full.path)
+
+
+def test_eval_of_a_refined_run_scores_the_refined_backbone(tmp_path, data):
+    """`cifarlab eval` builds the task and loads the checkpoint: the logged accuracy comes back, not
+    the refined head on features of the frozen backbone."""
+    import io
+    import sys
+    from contextlib import redirect_stdout
+
+    from cifarlab.cli import main
+
+    run, summary = train(transfer_cfg(refine_after=5), out=str(tmp_path / "run"), progress=False, data=data)
+    assert summary["feature_cache"]  # the frozen steps trained on cached features
+    data_dir = write_cifar_python(tmp_path / "data", data).parent
+    out, argv = io.StringIO(), sys.argv
+    sys.argv = ["cifarlab", "eval", str(run.path), "--data", str(data_dir)]
+    try:
+        with redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+            main()
+    finally:
+        sys.argv = argv
+    assert exit_.value.code == 0
+    loss = next(float(r[2]) for r in reversed(metric_values(run.path)) if r[1] == "test")
+    line = next(line for line in out.getvalue().splitlines() if " test: " in line)
+    assert f"step 10 test: loss {loss:.4f}" in line
 
 
 def test_features_offer_pool5_and_the_head(data):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab import CifarlabError
-from cifarlab.fileio import atomic_path, stream_url, user_cache_root
+from cifarlab.fileio import atomic_path, cache_root, stream_url
 
 BACKBONES = ("vgg16", "efficientnet-lite0")
 # Besides these two words, `weights` may be the path of a weights file.
@@ -295,9 +295,8 @@ def vgg16_weights_path(weights: str, *, download: bool = True, progress: bool = 
 
 
 def weights_cache_dir() -> Path:
-    """$CIFARLAB_CACHE/weights, else the user cache folder's weights/ (shared by every project)."""
-    env = os.environ.get("CIFARLAB_CACHE")
-    return (Path(env).expanduser() if env else user_cache_root()) / "weights"
+    """Downloaded weights, shared by every project: the cache folder's weights/."""
+    return cache_root() / "weights"
 
 
 def download_vgg16(dest_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:

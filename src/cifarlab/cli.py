@@ -12,11 +12,13 @@ from typing_extensions import Annotated
 
 from cifarlab import CifarlabError
 
+# rich_markup_mode=None: help texts are plain text, so "[default: 15000; ...]" and
+# "cifarlab[lite0]" show as written instead of being taken for markup tags and dropped
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Reproduce and extend a classic CIFAR-10 study: ConvNet, Siamese and transfer learning.",
 )
-train_app = typer.Typer(no_args_is_help=True, help="Train one run of a study.")
+train_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Train one run of a study.")
 app.add_typer(train_app, name="train")
 
 DataOpt = Annotated[Optional[Path], typer.Option(
@@ -37,7 +39,7 @@ def data(
 
 def _shared_train_flags(
     steps: Annotated[Optional[int], typer.Option(
-        help="Training steps (Adam updates). [default: 15000; siamese 50000]")] = None,
+        help="Training steps (Adam updates). [default: 15000; siamese 50000; transfer 10000]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images (or pairs) per step. [default: 128]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate. [default: 1e-4]")] = None,
     eval_every: Annotated[Optional[int], typer.Option(
@@ -128,8 +130,12 @@ def train_group(
     out: Annotated[Optional[str], typer.Option(help="Run directory. [default: runs/<preset>-<time>]")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Train one run of a study: `cifarlab train classifier|siamese [flags]` or `cifarlab train --preset NAME`."""
+    """Train one run of a study: `cifarlab train classifier|siamese|transfer [flags]` or `cifarlab train --preset NAME`."""
     if ctx.invoked_subcommand is not None:
+        given = [f"--preset {preset}"] * bool(preset) + [f"--out {out}"] * bool(out) + ["--quiet"] * quiet
+        if given:  # the study's command has these options too, and only it uses them
+            raise CifarlabError(f"options go after the study's name: "
+                                f"`cifarlab train {ctx.invoked_subcommand} {' '.join(given)} ...`")
         return
     if preset is None:
         print(ctx.get_help())
@@ -393,7 +399,7 @@ def reproduce_cmd(
         help="Comma-separated studies to run: study1 (ConvNet), study2 (Siamese), study3 (transfer). [default: all]")] = None,
     steps_scale: Annotated[float, typer.Option(
         help="Multiply every step count (steps, eval/checkpoint intervals, refine step K) by this; "
-        "0.02 is a quick version. [default: 1, the report's]")] = 1.0,
+        "0.02 is a quick version, 1 the report's.")] = 1.0,
     jobs: Annotated[int, typer.Option(help="Runs trained at once, each in its own process.")] = 1,
     max_evals: Annotated[Optional[int], typer.Option(
         help="At most this many test evaluations per run (they dominate short runs on a CPU). [default: the report's cadence]")] = None,

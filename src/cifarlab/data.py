@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cifarlab import CifarlabError
-from cifarlab.fileio import atomic_path, stream_url, user_cache_root, write_with
+from cifarlab.fileio import atomic_path, cache_root, stream_url, user_cache_root, write_with
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -96,8 +96,7 @@ def resolve_data_dir(data: str | os.PathLike | None) -> Path:
 
 def _cache_dir() -> Path:
     """Decoded arrays go outside the data folder, which may be read-only or shared."""
-    env = os.environ.get("CIFARLAB_CACHE")
-    return Path(env).expanduser() if env else user_cache_root() / "decoded"
+    return cache_root() / "decoded"
 
 
 def _is_batches_dir(path: Path) -> bool:

@@ -340,7 +340,7 @@ class Trainer:
     def _sync_phase(self) -> None:
         """Let the task start training more parameters at this step (the transfer study's
         refine-after-K): they join Adam as a new group and the CUDA graph is captured anew."""
-        more = self.task.parameters_to_unfreeze(self.step) if hasattr(self.task, "parameters_to_unfreeze") else None
+        more = self.task.prepare_step(self.step) if hasattr(self.task, "prepare_step") else None
         if more:
             self.optimizer.add_param_group({"params": more})
             self.runner.graph = None

@@ -69,6 +69,13 @@ def user_cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarlab"
 
 
+def cache_root() -> Path:
+    """Where cifarlab keeps what it can rebuild or download again (decoded/, weights/):
+    $CIFARLAB_CACHE, else the user cache folder."""
+    env = os.environ.get("CIFARLAB_CACHE")
+    return Path(env).expanduser() if env else user_cache_root()
+
+
 def stream_url(url: str, dest: Path, hash_name: str, desc: str, progress: bool) -> str:
     """Copy `url` to `dest` with a progress bar; return the hex digest (`hash_name`) of what arrived.
 

@@ -80,9 +80,12 @@ class ReportData:
             )
         # Each run's files are read once: the tables, figures and run list all look at them.
         from cifarlab.config import read_toml
+        from cifarlab.runs import current_summary
 
-        self._summaries = {n: read_json(self.root / n / "summary.json") for n in self.present}
         self._configs = {n: read_toml(self.root / n / "config.toml") for n in self.present}
+        self._summaries = {n: current_summary(read_json(self.root / n / "summary.json"),
+                                              self._configs[n].get("steps"))
+                           for n in self.present}
         self._metrics: dict[str, list[dict]] = {}
 
     def summary(self, name: str) -> dict:

@@ -166,44 +166,33 @@ def train_one(config: dict, path: str, resume: bool, threads: int | None = None,
     return summary
 
 
-# Worker processes: Ctrl-C reaches them too. While a run trains, the engine catches it, saves and
-# stops; before that (loading data, building a feature cache) it raises KeyboardInterrupt in the
-# run; between runs it only marks the worker as stopping, so no worker dies idle (which would break
-# the pool) and no new run starts.
-_worker_busy = False
-_worker_stopping = False
+def _worker(conn, config: dict, path: str, resume: bool, threads: int | None) -> None:
+    """One run in a process of its own (spawned); sends (status, note) back and never raises.
 
-
-def _worker_sigint(signum, frame) -> None:
-    global _worker_stopping
-    _worker_stopping = True
-    if _worker_busy:
-        raise KeyboardInterrupt
-
-
-def _worker_init() -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, _worker_sigint)
-
-
-def _worker(config: dict, path: str, resume: bool, threads: int | None) -> tuple[str, str]:
-    """Runs in a spawned process; returns (status, note) and never raises."""
-    global _worker_busy
+    Ctrl-C reaches this process too: while the run trains the engine catches it, saves and stops;
+    before that (loading data, building a feature cache) it arrives as KeyboardInterrupt."""
     from cifarlab.engine import TrainingInterrupted
 
-    if _worker_stopping:
-        return "interrupted", "not started: interrupted"
-    _worker_busy = True
     try:
         train_one(config, path, resume, threads)
-        return "finished", "resumed" if resume else "trained"
+        result = ("finished", "resumed" if resume else "trained")
     except (TrainingInterrupted, KeyboardInterrupt) as err:
-        return "interrupted", str(err) or "interrupted"
+        result = ("interrupted", str(err) or "interrupted")
     except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
-        return "failed", _one_line(err)
-    finally:
-        _worker_busy = False
+        result = ("failed", _one_line(err))
+    conn.send(result)
+    conn.close()
+
+
+def _death(exitcode: int | None) -> str:
+    """Why a worker process ended without a result, for the report."""
+    import signal
+
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else f"signal {-exitcode}"
+        hint = " (out of memory?)" if -exitcode == signal.SIGKILL else ""
+        return f"its process was killed by {name}{hint}"
+    return f"its process ended with exit code {exitcode} before the run did"
 
 
 def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=None,
@@ -271,42 +260,53 @@ def estimated_cost(cfg: Config) -> float:
     return cfg.batch_size * (refining * BACKBONE_STEP_COST + (cfg.steps - refining) * 0.1)
 
 
-def _execute_parallel(todo, jobs: int, progress: bool, log) -> dict[str, dict]:
-    """Separate processes: each run has its own CUDA context (or CPU threads) and fails alone.
+def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker) -> dict[str, dict]:
+    """Each run in a process of its own: its own CUDA context (or CPU threads), and a process
+    that dies (killed, out of memory) takes only its own run with it.
 
-    Runs are handed out longest first, a run only when a worker is free, so after Ctrl-C no
-    queued run starts.
+    Runs are handed out longest first, a run only when a slot is free, so after Ctrl-C no queued
+    run starts. `worker` is the process's function (tests swap it).
     """
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing.connection import wait
 
     from tqdm.auto import tqdm
 
+    ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     records: dict[str, dict] = {}
     queue = sorted(todo, key=lambda item: -estimated_cost(item[0].config))  # stable: preset order on ties
     interrupted = False
     bar = tqdm(total=len(todo), desc=f"runs ({jobs} at a time)", unit="run", disable=not progress)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                             initializer=_worker_init) as pool:
-        running: dict = {}
+    running: dict = {}  # process sentinel -> (process, receiving end of its pipe, run)
+    try:
         while queue or running:
             while queue and len(running) < jobs and not interrupted:
                 run, resume = queue.pop(0)
-                running[pool.submit(_worker, run.config.to_dict(), str(run.path), resume, threads)] = (run, resume)
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=worker, args=(send, run.config.to_dict(), str(run.path), resume, threads),
+                                   name=f"cifarlab-{run.name}", daemon=True)
+                proc.start()
+                send.close()  # the child's end: only the child holds it now
+                running[proc.sentinel] = (proc, receive, run)
             if not running:
                 break
             try:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                ended = wait(list(running))
             except KeyboardInterrupt:  # the workers got it too: they save and stop at their next step
                 interrupted = True
                 continue
-            for fut in done:
-                run, _ = running.pop(fut)
+            for sentinel in ended:
+                proc, receive, run = running.pop(sentinel)
+                proc.join()
                 try:
-                    status, note = fut.result()
-                except Exception as err:  # noqa: BLE001 - the worker process died (killed, out of memory)
-                    status, note = "failed", f"its worker process died: {_one_line(err)}"
+                    status, note = receive.recv()  # sent before the process ended, or EOF
+                except EOFError:
+                    if interrupted:  # Ctrl-C ended the process before its run began
+                        status, note = "interrupted", "interrupted"
+                    else:
+                        status, note = "failed", _death(proc.exitcode)
+                receive.close()
                 if status == "interrupted":
                     interrupted = True
                     continue
@@ -315,7 +315,10 @@ def _execute_parallel(todo, jobs: int, progress: bool, log) -> dict[str, dict]:
                     log(f"  {run.name} failed: {note}")
                 bar.set_postfix_str(f"{run.name} {status}", refresh=False)
                 bar.update(1)
-    bar.close()
+    finally:
+        for proc, _, _ in running.values():  # only after an unexpected error here: no orphans
+            proc.kill()
+        bar.close()
     if interrupted:
         raise CifarlabError("interrupted; the runs that had started saved their progress. "
                             "Run the same `cifarlab reproduce` again to go on")

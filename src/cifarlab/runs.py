@@ -194,6 +194,15 @@ class RunDir:
         except Exception as err:
             raise CifarlabError(f"{path}: cannot read ({err}); resume is not possible from it") from None
 
+    def saved_step(self) -> int | None:
+        """The step last.pt was saved at (Ctrl-C saves it between checkpoints), None without a
+        readable one. Memory-mapped: the step is read, not the optimizer's tensors."""
+        path = self.checkpoints / "last.pt"
+        try:
+            return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+        except Exception:  # noqa: BLE001 - missing or damaged: the run's other files still tell
+            return None
+
     def last_good_hint(self) -> str:
         steps = self.weight_steps()
         if not steps:
@@ -201,6 +210,12 @@ class RunDir:
         return f"The last good checkpoint is {self.checkpoints / f'step-{steps[-1]}.safetensors'}."
 
     # -- summary -------------------------------------------------------------------------------
+    def summary(self, steps: int | None = None) -> dict:
+        """summary.json when it is the result of the run as configured now ({} otherwise): a run
+        resumed to more steps keeps its earlier summary until it finishes anew."""
+        return current_summary(read_json(self.path / "summary.json"),
+                               self.config().steps if steps is None else steps)
+
     def write_summary(self, cfg: Config, wall_seconds: float, train_seconds: float, device: torch.device,
                       extra: dict | None = None) -> dict:
         final, best = last_and_best_test(self.metrics)
@@ -249,6 +264,11 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+def current_summary(summary: dict, steps: int) -> dict:
+    """`summary` if it describes a run of `steps` steps, else {} (see RunDir.summary)."""
+    return summary if summary.get("steps") == steps else {}
+
+
 def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
     """One row per run: its results (finished or not yet) and the settings in which the runs
     differ (None where the run's study does not read it). Returns (those setting names, rows)."""
@@ -260,12 +280,13 @@ def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
                  and len({repr(c[key]) for c in configs if c[key] is not None}) > 1]
     rows = []
     for run, cfg in zip(runs, configs):
-        summary = read_json(run.path / "summary.json")
+        summary = run.summary(cfg["steps"])
         final, best = last_and_best_test(run.metrics)
         rows.append({
             "run": str(run.path),
             "study": cfg["study"],
-            "step": run.metrics[-1]["step"] if run.metrics else 0,
+            # the step reached: the last logged or saved one (Ctrl-C saves between evaluations)
+            "step": max([run.metrics[-1]["step"]] * bool(run.metrics) + [run.saved_step() or 0]),
             "steps": cfg["steps"],
             "finished": bool(summary),
             "test_accuracy": final and final["accuracy"],

@@ -248,13 +248,9 @@ class TransferTask(ClassifierTask):
         self.refining = cfg.refine_after == 0
         backbone.requires_grad_(self.refining)
         self.cached: dict[str, torch.Tensor] = {}
-        self.cache_seconds = 0.0
-        if not self.refining and cfg.feature_cache and self.cache_pays(cfg, len(self.splits["train"]),
-                                                                       sum(map(len, self.splits.values()))):
-            start = time.perf_counter()
-            self.cached = {split: embed(backbone.eval(), images, autocast, progress=progress, desc=f"pool5 {split}")
-                           for split, images in self.splits.items()}
-            self.cache_seconds = time.perf_counter() - start
+        self.cache_seconds, self.cache_used, self.progress = 0.0, False, progress
+        self.cache_wanted = (not self.refining and cfg.feature_cache
+                             and self.cache_pays(cfg, len(self.splits["train"]), sum(map(len, self.splits.values()))))
 
     @staticmethod
     def cache_pays(cfg: Config, n_train: int, n_all: int) -> bool:
@@ -267,16 +263,33 @@ class TransferTask(ClassifierTask):
 
     def summary(self) -> dict:
         return {"backbone": self.cfg.backbone, "backbone_weights": self.backbone.weights_source,
-                "feature_cache": bool(self.cached),
+                "feature_cache": self.cache_used,
                 "feature_cache_seconds": round(self.cache_seconds, 3)}
 
-    def parameters_to_unfreeze(self, step: int) -> list:
+    def prepare_step(self, step: int) -> list:
+        """Called by the engine before each training step; returns parameters that start training
+        at this step (the backbone at step K). The feature cache is built here, at the first frozen
+        step, after any checkpoint was loaded: evaluating or analysing a run never builds one, and
+        so never scores a refined backbone's run on the frozen backbone's features."""
         if self.refining or self.cfg.refine_after < 0 or step < self.cfg.refine_after:
+            if self.cache_wanted and not self.refining and not self.cached:
+                self._cache_features()
             return []
         self.refining = True
         self.cached = {}  # the backbone changes from now on
         self.backbone.requires_grad_(True)
         return list(self.backbone.parameters())
+
+    def _cache_features(self) -> None:
+        start, training = time.perf_counter(), self.model.training
+        self.backbone.eval()
+        with torch.no_grad():
+            self.cached = {split: embed(self.backbone, images, self.autocast, progress=self.progress,
+                                        desc=f"pool5 {split}")
+                           for split, images in self.splits.items()}
+        self.model.train(training)  # back to the mode training is in
+        self.cache_seconds += time.perf_counter() - start
+        self.cache_used = True
 
     def _head(self, feats: torch.Tensor) -> torch.Tensor:
         for name in ("fc1", "fc2", "logits"):
