@@ -284,8 +284,10 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker) -> d
             while queue and len(running) < jobs and not interrupted:
                 run, resume = queue.pop(0)
                 receive, send = ctx.Pipe(duplex=False)
+                # not daemonic: a run may start processes of its own (decoding images when the
+                # data cache could not be written)
                 proc = ctx.Process(target=worker, args=(send, run.config.to_dict(), str(run.path), resume, threads),
-                                   name=f"cifarlab-{run.name}", daemon=True)
+                                   name=f"cifarlab-{run.name}")
                 proc.start()
                 send.close()  # the child's end: only the child holds it now
                 running[proc.sentinel] = (proc, receive, run)
