@@ -39,7 +39,9 @@ def ready_runner(preset: str, overrides: dict, dataset, warmup: int):
     cfg = load_preset(preset).config(**overrides)
     device = resolve_device(cfg.device)
     task = build_task(cfg, device, make_autocast(cfg.precision, device), data=dataset, progress=False)
-    runner = Trainer(cfg, task, RunDir("unused"), device, progress=False).runner
+    trainer = Trainer(cfg, task, RunDir("unused"), device, progress=False)
+    trainer._sync_phase()  # as training starts: the transfer study's feature cache, when it pays
+    runner = trainer.runner
     for step in range(warmup):
         runner.run(step)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

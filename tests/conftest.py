@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny, deterministic CIFAR-10-shaped data in every on-disk layout.
+"""Shared test helpers: tiny, deterministic CIFAR-10-shaped data in every on-disk layout, and
+the command line run in-process (`run_cli`).
 
 `tiny_arrays(n)` gives exactly the arrays `cifarlab.data.load_cifar10` returns for data written by
 `make_image_folders(root, n)` (PNG is lossless), `make_cifar_python(root, n)` or `make_tar(root, n)`
@@ -8,9 +9,14 @@ with the same `n`: n images per class and split, classes interleaved (sample i h
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
+import subprocess
+import sys
 import tarfile
 import tempfile
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +137,29 @@ def make_tar(root: Path, n_per_class: int) -> tuple[Path, str]:
         with tarfile.open(archive, "w:gz") as tar:
             tar.add(folder, arcname=BATCHES_DIR)
     return archive, md5_of(archive)
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`cifarlab ARGS` through its entry point (`cli.main`) in this process, with its output and
+    exit status captured as a fresh process would give them; a fresh process would spend seconds
+    importing torch again for every call. Python warnings go to the captured stderr, as they
+    would in a process of its own (pytest would otherwise collect them silently)."""
+    from cifarlab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    argv, sys.argv = sys.argv, ["cifarlab", *map(str, args)]
+    try:
+        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = show
+            main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

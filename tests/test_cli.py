@@ -1,16 +1,13 @@
 """The command line end to end on tiny image folders, as a user runs it."""
 
-import io
 import json
 import os
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
-from cifarlab.cli import main
-from conftest import make_image_folders
+from conftest import make_image_folders, run_cli
 
 
 def cifarlab_process(*args):
@@ -20,30 +17,13 @@ def cifarlab_process(*args):
                           text=True, env=env, timeout=300)
 
 
-def cifarlab(*args):
-    """The same entry point (`cli.main`) in this process, with its output and exit status captured:
-    a fresh process would spend seconds importing torch again for every call."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["cifarlab", *map(str, args)]
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     data = make_image_folders(root / "data", 4)
     run = root / "run"
     res = cifarlab_process("train", "classifier", "--data", data, "--steps", 6, "--batch-size", 8, "--eval-every", 3,
-                   "--checkpoint-every", 3, "--out", run, "--device", "cpu", "--quiet")
+                           "--checkpoint-every", 3, "--out", run, "--device", "cpu", "--quiet")
     return data, run, res
 
 
@@ -60,17 +40,17 @@ def test_train_writes_the_run_and_says_where(trained):
 
 def test_eval_reproduces_the_logged_test_accuracy(trained):
     data, run, _ = trained
-    res = cifarlab("eval", run, "--checkpoint", 6, "--data", data, "--device", "cpu")
+    res = run_cli("eval", run, "--checkpoint", 6, "--data", data, "--device", "cpu")
     assert res.returncode == 0, res.stderr
     acc = json.loads((run / "summary.json").read_text())["final_test_accuracy"]
     assert f"step 6 test:" in res.stdout and f"accuracy {acc:.4f}" in res.stdout
-    missing = cifarlab("eval", run, "--checkpoint", 5, "--data", data)
+    missing = run_cli("eval", run, "--checkpoint", 5, "--data", data)
     assert missing.returncode != 0 and "no checkpoint at step 5; available: 3, 6" in missing.stderr
 
 
 def test_resume_extends_a_finished_run(trained, tmp_path):
     data, run, _ = trained
-    res = cifarlab("train", "classifier", "--resume", run, "--steps", 9, "--quiet")
+    res = run_cli("train", "classifier", "--resume", run, "--steps", 9, "--quiet")
     assert res.returncode == 0, res.stderr
     assert json.loads((run / "summary.json").read_text())["steps"] == 9
     assert "step-9.safetensors" in os.listdir(run / "checkpoints")
@@ -79,9 +59,9 @@ def test_resume_extends_a_finished_run(trained, tmp_path):
 def test_plot_overlays_runs_with_labels(trained, tmp_path):
     _, run, _ = trained
     out = tmp_path / "overlay.png"
-    res = cifarlab("plot", run, run, "--out", out, "--labels", "a,b")
+    res = run_cli("plot", run, run, "--out", out, "--labels", "a,b")
     assert res.returncode == 0, res.stderr and out.stat().st_size > 10_000
-    bad = cifarlab("plot", run, "--out", out, "--labels", "a,b")
+    bad = run_cli("plot", run, "--out", out, "--labels", "a,b")
     assert bad.returncode != 0 and "one per run" in bad.stderr
 
 
@@ -92,7 +72,7 @@ def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
 
     shutil.copytree(run, other)
     (other / "config.toml").write_text((other / "config.toml").read_text().replace("dropout = 0.0", "dropout = 0.5"))
-    res = cifarlab("compare", run, other, "--csv", tmp_path / "cmp.csv")
+    res = run_cli("compare", run, other, "--csv", tmp_path / "cmp.csv")
     assert res.returncode == 0, res.stderr
     header, first, second = res.stdout.splitlines()[:1] + res.stdout.splitlines()[2:4]
     assert "test acc" in header and "dropout" in header and "batch_size" not in header
@@ -101,16 +81,16 @@ def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
     assert rows[0].startswith("run,study,step,steps,finished,test_accuracy") and len(rows) == 3
     shutil.copytree(run, tmp_path / "a" / "same")
     shutil.copytree(other, tmp_path / "b" / "same")
-    folders = cifarlab("compare", tmp_path / "a", tmp_path / "b")  # same names: the folders tell them apart
+    folders = run_cli("compare", tmp_path / "a", tmp_path / "b")  # same names: the folders tell them apart
     assert folders.returncode == 0, folders.stderr
     assert [line.split()[0] for line in folders.stdout.splitlines()[2:4]] == ["a/same", "b/same"]
-    bad = cifarlab("compare", tmp_path / "nothing")
+    bad = run_cli("compare", tmp_path / "nothing")
     assert bad.returncode == 2 and "neither a cifarlab run" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
 
 def test_data_command_describes_the_layout(trained):
     data, _, _ = trained
-    res = cifarlab("data", "--data", data)
+    res = run_cli("data", "--data", data)
     assert res.returncode == 0, res.stderr
     assert "image-folder" in res.stdout and "airplane" in res.stdout
 
@@ -122,7 +102,7 @@ def test_data_command_describes_the_layout(trained):
 ])
 def test_bad_flags_give_one_error_line(trained, tmp_path, args, message):
     data, _, _ = trained
-    res = cifarlab("train", "classifier", "--data", data, "--out", tmp_path / "x", "--quiet", *args)
+    res = run_cli("train", "classifier", "--data", data, "--out", tmp_path / "x", "--quiet", *args)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and message in res.stderr
     assert not (tmp_path / "x").exists(), "a run that failed to start left a directory"
@@ -135,18 +115,18 @@ def test_missing_data_names_the_three_ways(tmp_path):
 
 
 def test_help_explains_every_flag():
-    res = cifarlab("train", "classifier", "--help")
+    res = run_cli("train", "classifier", "--help")
     assert res.returncode == 0
     for flag in ("--steps", "--batch-size", "--lr", "--eval-every", "--checkpoint-every", "--seed",
                  "--dropout", "--weight-decay", "--device", "--out", "--resume", "--precision"):
         assert flag in res.stdout
     text = " ".join(res.stdout.split())  # as wrapped for the terminal
     assert "[default: 15000; siamese 50000; transfer 10000]" in text  # not taken for a markup tag
-    assert "in cifarlab[lite0]" in " ".join(cifarlab("reproduce", "--help").stdout.split())
+    assert "in cifarlab[lite0]" in " ".join(run_cli("reproduce", "--help").stdout.split())
 
 
 def test_train_options_before_the_study_are_refused_not_dropped(tmp_path):
-    res = cifarlab("train", "--preset", "classifier-b64", "--out", tmp_path / "x", "classifier", "--steps", 5)
+    res = run_cli("train", "--preset", "classifier-b64", "--out", tmp_path / "x", "classifier", "--steps", 5)
     assert res.returncode == 2 and res.stderr.strip() == (
         f"error: options go after the study's name: `cifarlab train classifier --preset classifier-b64 "
         f"--out {tmp_path / 'x'} ...`")
@@ -155,26 +135,26 @@ def test_train_options_before_the_study_are_refused_not_dropped(tmp_path):
 
 def test_presets_are_listed_and_flags_override_them(trained, tmp_path):
     data, _, _ = trained
-    listing = cifarlab("presets")
+    listing = run_cli("presets")
     assert listing.returncode == 0
     for name in ("classifier-b128", "classifier-b64-wd0.01", "siamese-exp1", "siamese-exp2", "siamese-exp3"):
         assert name in listing.stdout
     run = tmp_path / "p"
-    res = cifarlab("train", "classifier", "--preset", "classifier-b64-wd0.01", "--batch-size", 8, "--steps", 2,
+    res = run_cli("train", "classifier", "--preset", "classifier-b64-wd0.01", "--batch-size", 8, "--steps", 2,
                    "--eval-every", 2, "--data", data, "--out", run, "--quiet", "--no-tensorboard")
     assert res.returncode == 0, res.stderr
     config = (run / "config.toml").read_text()
     assert "weight_decay = 0.01" in config and "batch_size = 8" in config and "steps = 2\n" in config
-    wrong = cifarlab("train", "classifier", "--preset", "siamese-exp3", "--data", data)
+    wrong = run_cli("train", "classifier", "--preset", "siamese-exp3", "--data", data)
     assert wrong.returncode == 2 and "cifarlab train siamese" in wrong.stderr
-    unknown = cifarlab("train", "--preset", "nope")
+    unknown = run_cli("train", "--preset", "nope")
     assert unknown.returncode == 2 and "unknown preset 'nope'" in unknown.stderr
 
 
 def test_siamese_trains_from_the_command_line(tmp_path):
     data = make_image_folders(tmp_path / "data", 10)
     run = tmp_path / "s"
-    res = cifarlab("train", "siamese", "--preset", "siamese-exp3", "--data", data, "--steps", 2, "--batch-size", 10,
+    res = run_cli("train", "siamese", "--preset", "siamese-exp3", "--data", data, "--steps", 2, "--batch-size", 10,
                    "--fraction-same", 0.1, "--val-tuples", 2, "--eval-every", 2, "--out", run, "--quiet")
     assert res.returncode == 0, res.stderr
     config = (run / "config.toml").read_text()
@@ -183,11 +163,11 @@ def test_siamese_trains_from_the_command_line(tmp_path):
 
 
 def test_reproduce_and_report_give_one_line_errors(tmp_path):
-    res = cifarlab("reproduce", "--only", "study9", "--out", tmp_path / "out")
+    res = run_cli("reproduce", "--only", "study9", "--out", tmp_path / "out")
     assert res.returncode == 2 and res.stderr.strip() == (
         "error: --only takes a comma-separated subset of study1, study2, study3 (got 'study9')")
     assert not (tmp_path / "out").exists()
-    res = cifarlab("reproduce", "--set", "batch_size=lots", "--out", tmp_path / "out")
+    res = run_cli("reproduce", "--set", "batch_size=lots", "--out", tmp_path / "out")
     assert res.returncode == 2 and "batch_size should be int" in res.stderr
-    res = cifarlab("report", tmp_path)
+    res = run_cli("report", tmp_path)
     assert res.returncode == 2 and "holds no preset runs" in res.stderr and len(res.stderr.splitlines()) == 1

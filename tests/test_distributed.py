@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,15 +71,25 @@ def ranks(cwd, study, *args, nproc=2):
     cmd = [sys.executable, "-m", "cifarlab", "train", study, "--distributed", "--quiet", *args]
     logs = [Path(cwd) / f"rank-{rank}.log" for rank in range(nproc)]
     procs = []
-    for rank, log in enumerate(logs):
-        with open(log, "w") as f:  # a file, not a pipe: no rank can block on a full pipe
-            procs.append(subprocess.Popen(cmd, cwd=cwd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                          stdout=f, stderr=subprocess.STDOUT))
-    codes = [p.wait(timeout=300) for p in procs]
-    output = "".join(log.read_text() for log in logs)
+    try:
+        for rank, log in enumerate(logs):
+            with open(log, "w") as f:  # a file, not a pipe: no rank can block on a full pipe
+                procs.append(subprocess.Popen(cmd, cwd=cwd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                              stdout=f, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 300
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.returncode not in (None, 0) for p in procs):
+                break  # one rank failed: the others would wait for it in a collective
+            time.sleep(0.2)
+    finally:
+        for p in procs:  # as torchrun does when a rank fails: stop the group
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    output = "".join(f"--- {log.name}\n{log.read_text()}" for log in logs)
     for log in logs:
         log.unlink()
-    assert codes == [0] * nproc, output
+    assert [p.returncode for p in procs] == [0] * nproc, output
 
 
 def assert_same_weights(a, b, step, lr=SHARED["lr"]):

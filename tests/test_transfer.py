@@ -7,7 +7,7 @@ from cifarlab.config import Config
 from cifarlab.engine import make_autocast
 from cifarlab.studies import TransferTask
 from cifarlab.train import train
-from conftest import write_cifar_python
+from conftest import run_cli, write_cifar_python
 from synthetic import synthetic_cifar
 from test_train import metric_values
 
@@ -90,26 +90,35 @@ def test_transfer_resume_across_k_equals_uninterrupted(tmp_path, data):
 def test_eval_of_a_refined_run_scores_the_refined_backbone(tmp_path, data):
     """`cifarlab eval` builds the task and loads the checkpoint: the logged accuracy comes back, not
     the refined head on features of the frozen backbone."""
-    import io
-    import sys
-    from contextlib import redirect_stdout
-
-    from cifarlab.cli import main
-
     run, summary = train(transfer_cfg(refine_after=5), out=str(tmp_path / "run"), progress=False, data=data)
     assert summary["feature_cache"]  # the frozen steps trained on cached features
-    data_dir = write_cifar_python(tmp_path / "data", data).parent
-    out, argv = io.StringIO(), sys.argv
-    sys.argv = ["cifarlab", "eval", str(run.path), "--data", str(data_dir)]
-    try:
-        with redirect_stdout(out), pytest.raises(SystemExit) as exit_:
-            main()
-    finally:
-        sys.argv = argv
-    assert exit_.value.code == 0
+    res = run_cli("eval", run.path, "--data", write_cifar_python(tmp_path / "data", data).parent)
+    assert res.returncode == 0, res.stderr
     loss = next(float(r[2]) for r in reversed(metric_values(run.path)) if r[1] == "test")
-    line = next(line for line in out.getvalue().splitlines() if " test: " in line)
+    line = next(line for line in res.stdout.splitlines() if " test: " in line)
     assert f"step 10 test: loss {loss:.4f}" in line
+
+
+def test_ctrl_c_while_the_feature_cache_is_built_stops_at_once(tmp_path, data, monkeypatch):
+    """The cache pass comes before training's Ctrl-C handling (which finishes the step it is in
+    and saves): a pass over every image must not have to end first."""
+    import os
+    import signal
+    import time
+
+    passes = []
+
+    def interrupted(self):  # a pass over the images, during which the user presses Ctrl-C
+        passes.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 10  # Python handles a signal at its next chance, not at once
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(TransferTask, "_cache_features", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(transfer_cfg(), out=str(tmp_path / "run"), progress=False, data=data)
+    assert passes == [1] and not (tmp_path / "run" / "checkpoints").exists()  # no step was trained
 
 
 def test_features_offer_pool5_and_the_head(data):

@@ -445,6 +445,9 @@ class Trainer:
         """Train to cfg.steps; the summary (None on ranks other than 0)."""
         cfg = self.cfg
         self.model.train()
+        # before the clock and the Ctrl-C flag: a one-off pass such as the transfer study's
+        # feature cache is not training time, and Ctrl-C stops it at once
+        self._sync_phase()
         self._started = time.perf_counter()
         bar = _progress(cfg.steps, self.step, self.progress, self.run.name)
         last = {}

@@ -108,6 +108,8 @@ def weights_problem(cfg: Config, progress: bool = True) -> str | None:
 
 def run_state(run: PlannedRun) -> str:
     """'new', 'finished', 'resume' or 'restart' (it began but left nothing to resume from)."""
+    from cifarlab.runs import current_summary
+
     path = run.path
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return "new"
@@ -122,8 +124,7 @@ def run_state(run: PlannedRun) -> str:
         what = ", ".join(f"{k} {getattr(have, k)!r} (now {getattr(run.config, k)!r})" for k in differ)
         raise CifarlabError(f"{path} was trained with other settings: {what}; use another --out, "
                             f"or move that run away to train it anew")
-    summary = read_json(path / "summary.json")
-    if summary.get("steps") == run.config.steps and have.steps == run.config.steps:
+    if have.steps == run.config.steps and current_summary(read_json(path / "summary.json"), have.steps):
         return "finished"
     if (path / "checkpoints" / "last.pt").is_file():
         return "resume"
@@ -179,7 +180,7 @@ def _worker(conn, config: dict, path: str, resume: bool, threads: int | None) ->
     except (TrainingInterrupted, KeyboardInterrupt) as err:
         result = ("interrupted", str(err) or "interrupted")
     except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
-        result = ("failed", _one_line(err))
+        result = ("failed", _one_line(err)[:2000])  # well within a pipe's buffer: send never blocks
     conn.send(result)
     conn.close()
 
@@ -279,47 +280,60 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker) -> d
     interrupted = False
     bar = tqdm(total=len(todo), desc=f"runs ({jobs} at a time)", unit="run", disable=not progress)
     running: dict = {}  # process sentinel -> (process, receiving end of its pipe, run)
+
+    def start(run, resume) -> None:
+        receive, send = ctx.Pipe(duplex=False)
+        # not daemonic: a run may start processes of its own (decoding images when the data
+        # cache could not be written)
+        proc = ctx.Process(target=worker, args=(send, run.config.to_dict(), str(run.path), resume, threads),
+                           name=f"cifarlab-{run.name}")
+        proc.start()
+        send.close()  # the child's end: only the child holds it now
+        running[proc.sentinel] = (proc, receive, run)
+
+    def finish(proc, receive, run) -> tuple[str, str]:
+        proc.join()
+        # The result was sent before the process ended. Processes the run forked may still hold
+        # the pipe's other end, so no data here means none will come (not "wait for EOF").
+        try:
+            result = receive.recv() if receive.poll() else None
+        except EOFError:
+            result = None
+        receive.close()
+        if result is not None:
+            return result
+        if interrupted:  # Ctrl-C ended the process before its run began
+            return "interrupted", "interrupted"
+        return "failed", _death(proc.exitcode)
+
     try:
         while queue or running:
-            while queue and len(running) < jobs and not interrupted:
-                run, resume = queue.pop(0)
-                receive, send = ctx.Pipe(duplex=False)
-                # not daemonic: a run may start processes of its own (decoding images when the
-                # data cache could not be written)
-                proc = ctx.Process(target=worker, args=(send, run.config.to_dict(), str(run.path), resume, threads),
-                                   name=f"cifarlab-{run.name}")
-                proc.start()
-                send.close()  # the child's end: only the child holds it now
-                running[proc.sentinel] = (proc, receive, run)
-            if not running:
-                break
             try:
-                ended = wait(list(running))
-            except KeyboardInterrupt:  # the workers got it too: they save and stop at their next step
+                while queue and len(running) < jobs and not interrupted:
+                    start(*queue.pop(0))
+                if not running:
+                    break
+                # A sentinel fires when its process ends, or, if the run forked processes that
+                # outlive it, only when they end too: look at the processes themselves as well.
+                ready = set(wait(list(running), timeout=1.0))
+                for sentinel in [s for s in running if s in ready or not running[s][0].is_alive()]:
+                    proc, receive, run = running.pop(sentinel)
+                    status, note = finish(proc, receive, run)
+                    if status == "interrupted":
+                        interrupted = True
+                        continue
+                    records[run.name] = {"status": status, "note": note}
+                    if status == "failed":
+                        log(f"  {run.name} failed: {note}")
+                    bar.set_postfix_str(f"{run.name} {status}", refresh=False)
+                    bar.update(1)
+            except KeyboardInterrupt:  # the runs got it too: they save and stop at their next step
                 interrupted = True
-                continue
-            for sentinel in ended:
-                proc, receive, run = running.pop(sentinel)
-                proc.join()
-                try:
-                    status, note = receive.recv()  # sent before the process ended, or EOF
-                except EOFError:
-                    if interrupted:  # Ctrl-C ended the process before its run began
-                        status, note = "interrupted", "interrupted"
-                    else:
-                        status, note = "failed", _death(proc.exitcode)
-                receive.close()
-                if status == "interrupted":
-                    interrupted = True
-                    continue
-                records[run.name] = {"status": status, "note": note}
-                if status == "failed":
-                    log(f"  {run.name} failed: {note}")
-                bar.set_postfix_str(f"{run.name} {status}", refresh=False)
-                bar.update(1)
-    finally:
-        for proc, _, _ in running.values():  # only after an unexpected error here: no orphans
+    except BaseException:  # an error here, not in a run: leave no process behind
+        for proc, _, _ in running.values():
             proc.kill()
+        raise
+    finally:
         bar.close()
     if interrupted:
         raise CifarlabError("interrupted; the runs that had started saved their progress. "
