@@ -7,8 +7,10 @@ Trains the same presets with each N into fresh folders and prints the wall time 
 `--train-only` times the training alone (no analysis, no report). The last line names the
 fastest N, for scripts.
 
-Small models do not fill a GPU, so several runs at once should finish sooner than one after
-another; on a CPU the cores are shared, so the gain (if any) comes from better use of them.
+Each run at once is a process of its own (a CUDA context, or a share of the CPU cores) that
+first imports torch and loads the data; whether overlap pays for that depends on the device and
+the length of the runs (the README has the measurements: on one H100 and on 2 CPU cores it did
+not).
 """
 
 from __future__ import annotations
