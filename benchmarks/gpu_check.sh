@@ -12,10 +12,12 @@
 #   0. the CUDA-only tests (graph capture and its fallback)
 #   1. step time: cifarlab (fp32 graph, no graph, bf16) against the plain PyTorch loop; then
 #      where the step's GPU time goes (the top kernels of the ConvNet, Siamese and Lite0 steps)
+#   p. only the second half of 1: the kernel profiles (PARTS=0p: the tests and the profiles)
 #   2. the default 15,000-step ConvNet run, fp32 and bf16: test accuracy and training time
 #   3. processes at once on the GPU (aggregate steps/s for 1, 2, 4): the --jobs choice;
 #      the same with threads on CUDA streams of one process, for comparison
-#   4. `cifarlab reproduce --steps-scale 1 --jobs N` (N from step 3, else $JOBS, else 4;
+#   4. `cifarlab reproduce --steps-scale 1 --jobs N` (N from step 3, else $JOBS, else 1: on an
+#      H100 runs at once did not pay;
 #      transfer on Lite0: no VGG-16 weights there), stopped with Ctrl-C when the time is up;
 #      then the report of what finished and its tables. Data, runs and the report live in
 #      $WORK (default /tmp/gpu-check): on the same machine, while it is still held, a second
@@ -69,6 +71,9 @@ if wants 1; then
     limited 120 python3 benchmarks/step_time.py --data "$data" --device "$device" --steps "$time_steps" --rounds 1 \
         > "$out/step_time.txt" 2>&1
     tail -10 "$out/step_time.txt"
+fi
+
+if wants 1 || wants p; then
     echo "== 1. where a step's time goes (eager, under torch.profiler)"
     for preset in classifier-b128 siamese-exp1 transfer-refine; do
         limited 40 python3 benchmarks/profile_step.py --data "$data" --device "$device" --preset "$preset" \
@@ -114,7 +119,7 @@ fi
 
 if wants 4; then
     jobs=${JOBS:-$(grep -oP 'most steps/s: --jobs \K[0-9]+' "$out/concurrent-classifier.txt" 2>/dev/null)}
-    [ -n "$jobs" ] || { jobs=4; echo "(no --jobs measurement: using 4)"; }
+    [ -n "$jobs" ] || { jobs=1; echo "(no --jobs measurement here: using 1, the best measured on an H100)"; }
     budget=$(( $(left) - wrap_up ))
     echo "== 4. reproduce ${repro[*]} --jobs $jobs (stopped after ${budget} s if not done)"
     if [ "$budget" -ge 30 ]; then
