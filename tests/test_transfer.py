@@ -121,6 +121,15 @@ def test_ctrl_c_while_the_feature_cache_is_built_stops_at_once(tmp_path, data, m
     assert passes == [1] and not (tmp_path / "run" / "checkpoints").exists()  # no step was trained
 
 
+def test_a_run_resumed_past_k_still_says_it_trained_on_cached_features(tmp_path, data):
+    cfg = transfer_cfg(refine_after=8)  # 8 frozen steps and one evaluation: the cache pays
+    part, first = train(cfg.replace(steps=9), out=str(tmp_path / "run"), progress=False, data=data)
+    assert first["feature_cache"] and first["feature_cache_seconds"] > 0
+    _, summary = train(cfg, resume=part.path, overrides={"steps": 10}, progress=False, data=data)
+    assert summary["feature_cache"]  # built by the first process; this one started past K
+    assert summary["feature_cache_seconds"] == pytest.approx(first["feature_cache_seconds"], abs=1e-3)
+
+
 def test_features_offer_pool5_and_the_head(data):
     task = TransferTask(transfer_cfg(), data, CPU, make_autocast("fp32", CPU), progress=False)
     assert task.model.layer_names == ("pool5", "fc1", "fc2", "logits")

@@ -365,6 +365,8 @@ class Trainer:
         }
         if "cuda" in rng:
             state["rng_cuda"] = rng["cuda"]
+        if hasattr(self.task, "resume_state"):
+            state["task"] = self.task.resume_state()
         if self.group.distributed:
             state["rng_ranks"] = self.group.gather({k: v.cpu() for k, v in rng.items()})
         return state
@@ -397,6 +399,8 @@ class Trainer:
         elif self.group.is_main:
             set_rng_state({"cpu": state["rng_cpu"], "cuda": state.get("rng_cuda")}, self.device)
         self.clock = {k: float(v) for k, v in state["clock"].items()}
+        if "task" in state and hasattr(self.task, "load_resume_state"):
+            self.task.load_resume_state(state["task"])
         if self.group.is_main:
             self.run.truncate_metrics(self.step)
 

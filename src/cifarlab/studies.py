@@ -266,6 +266,15 @@ class TransferTask(ClassifierTask):
                 "feature_cache": self.cache_used,
                 "feature_cache_seconds": round(self.cache_seconds, 3)}
 
+    def resume_state(self) -> dict:
+        """What last.pt carries for the summary: whether (and how long) the cache was built,
+        also by an earlier process of the run."""
+        return {"cache_used": self.cache_used, "cache_seconds": self.cache_seconds}
+
+    def load_resume_state(self, state: dict) -> None:
+        self.cache_used = self.cache_used or bool(state.get("cache_used"))
+        self.cache_seconds += float(state.get("cache_seconds", 0.0))
+
     def prepare_step(self, step: int) -> list:
         """Called by the engine before each training step; returns parameters that start training
         at this step (the backbone at step K). The feature cache is built here, at the first frozen
