@@ -142,8 +142,8 @@ def make_tar(root: Path, n_per_class: int) -> tuple[Path, str]:
 def run_cli(*args) -> subprocess.CompletedProcess:
     """`cifarlab ARGS` through its entry point (`cli.main`) in this process, with its output and
     exit status captured as a fresh process would give them; a fresh process would spend seconds
-    importing torch again for every call. Python warnings go to the captured stderr, as they
-    would in a process of its own (pytest would otherwise collect them silently)."""
+    importing torch again for every call. Python warnings go to the captured stderr under the
+    filters a fresh process has (pytest would otherwise collect them silently)."""
     from cifarlab.cli import main
 
     out, err = io.StringIO(), io.StringIO()
@@ -154,7 +154,9 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     argv, sys.argv = sys.argv, ["cifarlab", *map(str, args)]
     try:
         with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
-            warnings.simplefilter("default")
+            warnings.simplefilter("default")  # then Python's own defaults for a script
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
             warnings.showwarning = show
             main()
         code = 0

@@ -11,6 +11,7 @@ entry is checked by name and shape before use, so a wrong or damaged file stops 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import math
@@ -254,11 +255,11 @@ def _vgg16_from_npz(path: Path) -> dict[str, torch.Tensor]:
         expected[f"{npz_name}_W"] = (kh, kw, cin, out)
         expected[f"{npz_name}_b"] = (out,)
     hint = _vgg16_hint(path)
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except Exception as err:  # not a zip, truncated central directory, ...
-        raise WeightsError(_unreadable(path, err, hint)) from None
-    with npz:
+    with contextlib.ExitStack() as files:
+        try:  # the file is ours to close: np.load(path) leaves it open when the zip is unreadable
+            npz = files.enter_context(np.load(files.enter_context(open(path, "rb")), allow_pickle=False))
+        except Exception as err:  # missing, not a zip, truncated central directory, ...
+            raise WeightsError(_unreadable(path, err, hint)) from None
         _check_names(path, npz.files, expected, ignored=("fc6_", "fc7_", "fc8_"), what="VGG-16", hint=hint)
         state = {}
         for npz_name, torch_name in vgg16_conv_names():
