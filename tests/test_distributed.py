@@ -50,10 +50,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_env(**values) -> dict:
+    """This process's environment without any torchrun variables it may have, plus `values`:
+    one thread per rank (two ranks share the two cores), output unbuffered."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **values}
+
+
 def torchrun(cwd, study, *args, nproc=2):
     """`torchrun --nproc-per-node 2 -m cifarlab train STUDY --distributed ARGS` in cwd."""
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = process_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), "-m", "cifarlab", "train", study, "--distributed", "--quiet", *args]
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -65,9 +71,8 @@ def ranks(cwd, study, *args, nproc=2):
     """The processes torchrun would start, each with the environment it would give them, but
     without its launcher (one more torch import per call). The classifier test goes through
     torchrun itself; the others test what the ranks do."""
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    env = process_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc))
     cmd = [sys.executable, "-m", "cifarlab", "train", study, "--distributed", "--quiet", *args]
     logs = [Path(cwd) / f"rank-{rank}.log" for rank in range(nproc)]
     procs = []

@@ -338,8 +338,9 @@ class Trainer:
         self._started = time.perf_counter()
 
     def _sync_phase(self) -> None:
-        """Let the task start training more parameters at this step (the transfer study's
-        refine-after-K): they join Adam as a new group and the CUDA graph is captured anew."""
+        """The task's `prepare_step`: it may do one-off work first (the transfer study builds its
+        feature cache) and start training more parameters at this step (refine-after-K): those
+        join Adam as a new group and the CUDA graph is captured anew."""
         more = self.task.prepare_step(self.step) if hasattr(self.task, "prepare_step") else None
         if more:
             self.optimizer.add_param_group({"params": more})

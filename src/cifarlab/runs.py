@@ -286,7 +286,7 @@ def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
             "run": str(run.path),
             "study": cfg["study"],
             # the step reached: the last logged or saved one (Ctrl-C saves between evaluations)
-            "step": max([run.metrics[-1]["step"]] * bool(run.metrics) + [run.saved_step() or 0]),
+            "step": max(run.metrics[-1]["step"] if run.metrics else 0, run.saved_step() or 0),
             "steps": cfg["steps"],
             "finished": bool(summary),
             "test_accuracy": final and final["accuracy"],
