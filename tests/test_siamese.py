@@ -1,6 +1,7 @@
 import ast
 import inspect
 import textwrap
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from cifarlab.config import Config
 from cifarlab.losses import contrastive_loss, same_class_threshold
 from cifarlab.models import siamese_branch
 from cifarlab.pairs import ClassIndex, anchor_pairs, fixed_tuples, random_pairs
+from cifarlab.studies import build_task
 from cifarlab.train import train
 from synthetic import synthetic_cifar
 from test_train import metric_values
@@ -143,12 +145,16 @@ def siamese_cfg(**changes):
 
 @pytest.mark.parametrize("sampler", ["anchor", "random"])
 def test_short_run_lowers_validation_loss(tmp_path, sampler):
-    run, _ = train(siamese_cfg(sampler=sampler), out=str(tmp_path / "run"), progress=False,
-                   data=synthetic_cifar(30, 10))
+    cfg, data = siamese_cfg(sampler=sampler), synthetic_cifar(30, 10)
+    untrained = build_task(cfg, torch.device("cpu"), nullcontext, data=data, progress=False)  # the run's init
+    untrained.model.eval()
+    before = untrained.evaluate()["val"][0]
+    run, _ = train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
     val = [(int(s), float(loss)) for s, split, loss, _ in metric_values(run.path) if split == "val"]
     assert [s for s, _ in val] == [20, 40, 60]
-    first_eval_loss = val[0][1]
-    assert val[-1][1] < first_eval_loss
+    # against the untrained network, not the first evaluation: at lr 1e-3 the loss of 5 tuples
+    # jumps by 2x between evaluations once low (seen: 0.08 at step 20, 0.16 at 60)
+    assert val[-1][1] < before / 2
 
 
 def test_siamese_resume_equals_uninterrupted(tmp_path):
