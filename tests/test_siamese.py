@@ -143,6 +143,42 @@ def siamese_cfg(**changes):
     return base.replace(**changes)
 
 
+def _images_per_forward(task) -> list[int]:
+    sizes = []
+    task.model.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+@pytest.mark.parametrize("kind", ["report1", "hadsell"])
+def test_anchor_batches_embed_the_anchor_once_with_the_same_loss_and_gradients(kind):
+    task = build_task(siamese_cfg(loss=kind), torch.device("cpu"), nullcontext, data=synthetic_cifar(30, 10),
+                      progress=False)
+    sizes = _images_per_forward(task)
+    first, second, same = task.train_inputs(3)
+    assert (first == first[0]).all() and same.sum() > 0
+    results = {}
+    for shared in (False, True):
+        task.model.zero_grad()
+        loss, correct = task._score(*task.embed_pairs(first, second, shared_anchor=shared), same)
+        loss.backward()
+        results[shared] = loss.item(), correct.item(), [p.grad.clone() for p in task.model.parameters()]
+    assert sizes == [40, 21]  # 2B images, then B + 1
+    (loss_all, correct_all, grads_all), (loss_once, correct_once, grads_once) = results[False], results[True]
+    assert loss_once == pytest.approx(loss_all, rel=1e-5) and correct_once == correct_all
+    for g_once, g_all in zip(grads_once, grads_all):
+        assert g_all.abs().max() > 0
+        torch.testing.assert_close(g_once, g_all, rtol=1e-3, atol=1e-4 * g_all.abs().max().item())
+
+
+@pytest.mark.parametrize("changes, images", [({}, 21), ({"dropout": 0.2}, 40), ({"sampler": "random"}, 40)])
+def test_the_anchor_is_embedded_once_only_for_anchor_batches_without_dropout(changes, images):
+    task = build_task(siamese_cfg(**changes), torch.device("cpu"), nullcontext, data=synthetic_cifar(30, 10),
+                      progress=False)
+    sizes = _images_per_forward(task)
+    loss, _, n = task.train_loss(*task.train_inputs(0))
+    assert sizes == [images] and n == 20 and torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("sampler", ["anchor", "random"])
 def test_short_run_lowers_validation_loss(tmp_path, sampler):
     cfg, data = siamese_cfg(sampler=sampler), synthetic_cifar(30, 10)

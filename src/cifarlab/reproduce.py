@@ -253,9 +253,10 @@ BACKBONE_STEP_COST = 5.0
 def estimated_cost(cfg: Config) -> float:
     """A rough relative training cost of a run (images through the network, weighted), by which
     runs at once are handed out longest first, so that no long run starts last."""
-    images = cfg.steps * cfg.batch_size * (2 if cfg.study == "siamese" else 1)
+    from cifarlab.studies import images_per_step
+
     if cfg.study != "transfer":
-        return float(images)
+        return float(cfg.steps * images_per_step(cfg))
     refining = cfg.steps - cfg.refine_after if 0 <= cfg.refine_after < cfg.steps else 0
     # frozen steps train the head alone (on cached features once the cache pays)
     return cfg.batch_size * (refining * BACKBONE_STEP_COST + (cfg.steps - refining) * 0.1)

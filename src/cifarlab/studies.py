@@ -153,6 +153,19 @@ def embed(model, images: DeviceImages, autocast, progress: bool = False, desc: s
     return torch.cat(parts)
 
 
+def embeds_anchor_once(cfg: Config) -> bool:
+    """Whether a Siamese step embeds its anchor once (SiameseTask.embed_pairs): anchor batches
+    without dropout."""
+    return cfg.study == "siamese" and cfg.sampler == "anchor" and cfg.dropout == 0
+
+
+def images_per_step(cfg: Config) -> int:
+    """Images one training step of a ConvNet or Siamese run sends through the network."""
+    if cfg.study != "siamese":
+        return cfg.batch_size
+    return cfg.batch_size + 1 if embeds_anchor_once(cfg) else 2 * cfg.batch_size
+
+
 class SiameseTask:
     """Study 2: one branch network embeds both images of a pair; a contrastive loss on their distance.
 
@@ -191,11 +204,26 @@ class SiameseTask:
         loss, d = contrastive_loss(first_emb, second_emb, same, self.cfg.margin, self.cfg.loss)
         return loss, ((d < self.threshold).float() == same).sum()
 
-    def train_loss(self, first: torch.Tensor, second: torch.Tensor, same: torch.Tensor):
+    def embed_pairs(self, first: torch.Tensor, second: torch.Tensor,
+                    shared_anchor: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both branches' embeddings of a batch of training pairs, in one forward pass.
+
+        In the anchor sampler's batches every first image is the same one: it is embedded once
+        and broadcast (B + 1 images through the network instead of 2B; autograd sums its
+        gradient over the rows). Only without dropout, where the B copies would come out the same:
+        with dropout each copy has a mask of its own, as in the seed's two-tower graph.
+        `shared_anchor` None decides from the config."""
+        if shared_anchor is None:
+            shared_anchor = embeds_anchor_once(self.cfg)
         images = self.splits["train"]
-        both = torch.cat([first, second])  # one forward pass for both branches
-        emb = self.model(images.batch(both)[0])
-        loss, correct = self._score(*emb.chunk(2), same)
+        if shared_anchor:
+            emb = self.model(images.batch(torch.cat([first[:1], second]))[0])
+            return emb[:1].expand(second.shape[0], -1), emb[1:]
+        emb = self.model(images.batch(torch.cat([first, second]))[0])
+        return emb[:first.shape[0]], emb[first.shape[0]:]
+
+    def train_loss(self, first: torch.Tensor, second: torch.Tensor, same: torch.Tensor):
+        loss, correct = self._score(*self.embed_pairs(first, second), same)
         return loss, correct, same.shape[0]
 
     def evaluate(self) -> dict[str, tuple[float, float]]:
