@@ -165,3 +165,34 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     finally:
         sys.argv = argv
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def calibrated_lite0(seed: int = 0):
+    """A random EfficientNet-Lite0 (eval mode) whose BatchNorm statistics are those of one batch
+    of CIFAR-like pixels, so that its pool5 features are of order 1. With the default statistics
+    (mean 0, variance 1) a random Lite0's features are ~1e-9: any two computations of them agree
+    and every loss on them is ln 10, so a test of them could not fail."""
+    import torch
+
+    from cifarlab.backbones import EfficientNetLite0
+
+    torch.manual_seed(seed)
+    model = EfficientNetLite0()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 1.0  # the running statistics become this batch's
+    pixels = torch.randint(0, 256, (32, 3, 32, 32), generator=torch.Generator().manual_seed(seed)).float()
+    with torch.no_grad():
+        model.train()((pixels - 127) / 128)  # Lite0's input scaling
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
+def save_lite0_file(model, path: Path) -> Path:
+    """`model` as an EfficientNet-PyTorch state dict file, with a 1000-class classifier as the real one."""
+    import torch
+
+    torch.save({**model.state_dict(), "_fc.weight": torch.randn(1000, 1280), "_fc.bias": torch.zeros(1000)}, path)
+    return path

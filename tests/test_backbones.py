@@ -38,6 +38,7 @@ from cifarlab.backbones import (
     vgg16_conv_names,
     vgg16_weights_path,
 )
+from conftest import calibrated_lite0, save_lite0_file
 
 TORCHVISION_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 
@@ -386,16 +387,10 @@ def test_lite0_architecture():
 
 @pytest.fixture(scope="module")
 def lite0_file(tmp_path_factory):
-    """Our own random Lite0 with a classifier, saved as an EfficientNet-PyTorch state dict."""
-    torch.manual_seed(0)
-    model = EfficientNetLite0().eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, so loading them matters
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("lite0") / "lite0.pth"
-    torch.save({**model.state_dict(), "_fc.weight": torch.randn(1000, 1280), "_fc.bias": torch.zeros(1000)}, path)
-    return path, model
+    """Our own random Lite0 with a classifier, saved as an EfficientNet-PyTorch state dict; its
+    BatchNorm statistics are non-trivial (loading them matters) and give features of order 1."""
+    model = calibrated_lite0()
+    return save_lite0_file(model, tmp_path_factory.mktemp("lite0") / "lite0.pth"), model
 
 
 def test_lite0_state_round_trip(lite0_file):
@@ -408,8 +403,10 @@ def test_lite0_state_round_trip(lite0_file):
     with torch.no_grad():
         features = backbone(x)
         expected = model((x - 127) / 128).mean((2, 3))  # 1280 x 1 x 1 for 32x32, then pooled
-    assert features.shape == (2, 1280)
+        misscaled = model(x / 255).mean((2, 3))
+    assert features.shape == (2, 1280) and features.abs().mean() > 0.1
     torch.testing.assert_close(features, expected)
+    assert not torch.allclose(features, misscaled, rtol=1e-2, atol=1e-3)  # the input scaling matters
     assert set(load_lite0_state(path, keep_classifier=True)) == set(model.state_dict()) | {"_fc.weight", "_fc.bias"}
 
 

@@ -61,7 +61,7 @@ def torchrun(cwd, study, *args, nproc=2):
     """`torchrun --nproc-per-node 2 -m cifarlab train STUDY --distributed ARGS` in cwd."""
     env = process_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), "-m", "cifarlab", "train", study, "--distributed", "--quiet", *args]
+           "--standalone", "-m", "cifarlab", "train", study, "--distributed", "--quiet", *args]
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     return res
@@ -118,7 +118,7 @@ def assert_same_train_means(a, b):
     for x, y in zip(ra, rb):
         if x[1] == "train":
             assert float(x[2]) == pytest.approx(float(y[2]), rel=1e-4)
-            assert float(x[3]) == pytest.approx(float(y[3]), abs=0.01)  # at most one example of 80
+            assert float(x[3]) == pytest.approx(float(y[3]), abs=1.5 / 80)  # at most one example of 80
 
 
 def test_two_processes_equal_one_only_rank_0_writes_and_resume_works(tmp_path, cifar_dir):

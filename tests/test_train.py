@@ -304,8 +304,12 @@ def test_on_cpu_freed_activation_memory_is_reused_without_page_faults():
     block from merging back; CI saw seven), so the test allows a few buffers of growth and then
     wants none. In a fresh process, since the setting is process-wide and cannot be undone."""
     code = """if True:
-        import resource, torch
+        import ctypes, resource, torch
         from cifarlab.engine import resolve_device
+
+        # 4 KiB pages, whatever the host's transparent-huge-page setting ("always" maps a
+        # buffer in a few faults, which would hide what is measured): PR_SET_THP_DISABLE
+        assert ctypes.CDLL(None).prctl(41, 1, 0, 0, 0) == 0
 
         def page_faults():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
