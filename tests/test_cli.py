@@ -171,3 +171,75 @@ def test_reproduce_and_report_give_one_line_errors(tmp_path):
     assert res.returncode == 2 and "batch_size should be int" in res.stderr
     res = run_cli("report", tmp_path)
     assert res.returncode == 2 and "holds no preset runs" in res.stderr and len(res.stderr.splitlines()) == 1
+
+
+def copy_of(run, tmp_path):
+    import shutil
+
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def one_error_line(res, *fragments):
+    """A non-zero exit whose stderr ends in one error line (progress bars may come before it)."""
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    errors = [line for line in lines if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0] == lines[-1] and lines[-1].startswith("error: "), res.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def test_resume_refuses_what_would_rewrite_the_runs_records(trained, tmp_path):
+    from cifarlab.runs import RunDir
+
+    run = copy_of(trained[1], tmp_path)
+    reached = RunDir(run).saved_step()
+    records = {name: (run / name).read_bytes() for name in ("config.toml", "summary.json", "metrics.csv")}
+    one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", reached - 1, "--quiet"),
+                   f"has reached step {reached}; resuming it needs --steps of at least {reached} (got {reached - 1})")
+    one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", reached, "--lr", 0.5, "--quiet"),
+                   f"has reached its {reached} steps, so nothing would train with the changed lr")
+    one_error_line(run_cli("train", "siamese", "--resume", run, "--steps", reached + 3, "--quiet"),
+                   "is a classifier run; resume it with `cifarlab train classifier --resume")
+    assert {name: (run / name).read_bytes() for name in records} == records
+
+
+def test_checkpoints_of_another_network_or_damaged_give_one_line(trained, tmp_path):
+    import argparse
+
+    import torch
+    from safetensors.torch import save_file
+
+    data, run = trained[0], copy_of(trained[1], tmp_path)
+    weights, evaluate = run / "checkpoints" / "step-3.safetensors", ("eval", run, "--checkpoint", 3, "--data", data)
+    save_file({"stages.fc1.linear.bias": torch.zeros(384), "stages.extra": torch.zeros(2)}, str(weights))
+    one_error_line(run_cli(*evaluate), "step-3.safetensors: does not fit this run's network (9 missing entries, "
+                   "e.g. 'stages.flatten.conv1.weight'; 1 unexpected entries, e.g. 'stages.extra')", "use another --checkpoint")
+    save_file({"stages.fc1.linear.bias": torch.zeros(1)}, str(weights))
+    one_error_line(run_cli(*evaluate), "(size mismatch for stages.fc1.linear.bias: copying a param with shape")
+    last = run / "checkpoints" / "last.pt"
+    resume = ("train", "classifier", "--resume", run, "--steps", 30, "--quiet")
+    last.write_bytes(os.urandom(3000))
+    one_error_line(run_cli(*resume), "last.pt: damaged or not a cifarlab training state")
+    torch.save(argparse.Namespace(step=3), last)  # an object torch's weights-only loader refuses
+    res = run_cli(*resume)
+    one_error_line(res, "last.pt: damaged or not a cifarlab training state (it holds objects other than tensors")
+    assert "weights_only" not in res.stderr and "arbitrary code" not in res.stderr
+    torch.save({"step": 3}, last)
+    one_error_line(run_cli(*resume), "last.pt: not a cifarlab training state (no 'model')")
+
+
+def test_output_paths_that_cannot_be_written_give_one_line(trained, tmp_path):
+    data, run = trained[0], trained[1]
+    (tmp_path / "a-file").write_text("mine")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    train = ("train", "classifier", "--data", data, "--steps", 1, "--batch-size", 8, "--device", "cpu", "--quiet")
+    one_error_line(run_cli(*train, "--out", tmp_path / "a-file"), "a-file: is a file, not a run directory")
+    one_error_line(run_cli(*train, "--out", tmp_path / "a-file" / "run"), "a-file", "Not a directory")
+    one_error_line(run_cli("plot", run, "--out", tmp_path / "curves.txt"), "not an image file name", ".png")
+    one_error_line(run_cli("plot", run, "--out", folder), "not an image file name")
+    one_error_line(run_cli("compare", run, "--csv", folder), "folder", "Is a directory")
+    assert (tmp_path / "a-file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder"] and not any(folder.iterdir())

@@ -107,6 +107,11 @@ def _train(study: str | None, flags: dict, preset: str | None, out: str | None, 
     if resume is not None:
         if out is not None or preset is not None:
             raise CifarlabError("--resume continues a run as it was configured: drop --out and --preset")
+        from cifarlab.runs import RunDir
+
+        have = RunDir.open(resume).config().study
+        if study is not None and have != study:
+            raise CifarlabError(f"{resume} is a {have} run; resume it with `cifarlab train {have} --resume {resume}`")
         run, summary = train(Config(), resume=resume, overrides=flags, progress=not quiet)
     else:
         if preset is not None:
@@ -240,14 +245,17 @@ def eval_run(
 @app.command()
 def plot(
     runs: Annotated[List[Path], typer.Argument(help="One or more run directories.")],
-    out: Annotated[Path, typer.Option(help="PNG file to write.")],
+    out: Annotated[Path, typer.Option(help="Image file to write: .png (or .pdf, .svg, ...).")],
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated legend labels, one per run.")] = None,
     title: Annotated[Optional[str], typer.Option(help="Figure title.")] = None,
 ) -> None:
     """Overlay the accuracy and loss curves of several runs (the report's Figures 3-6)."""
-    from cifarlab.plots import plot_curves
+    from cifarlab.plots import image_formats, plot_curves
     from cifarlab.runs import RunDir
 
+    if out.suffix.lower().lstrip(".") not in image_formats():
+        raise CifarlabError(f"--out {out}: not an image file name; end it in one of "
+                            f"{', '.join('.' + f for f in image_formats())}")
     names = [label.strip() for label in labels.split(",")] if labels else [Path(r).name for r in runs]
     if len(names) != len(runs):
         raise CifarlabError(f"--labels has {len(names)} names for {len(runs)} runs; give one per run")
@@ -450,3 +458,7 @@ def main() -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as err:  # a path the user gave that cannot be written or read (a file for a folder, ...)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        sys.exit(2)

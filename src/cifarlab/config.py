@@ -23,6 +23,10 @@ READ_BY = {
     **{key: ("siamese",) for key in ("loss", "margin", "sampler", "fraction_same", "val_tuples")},
     **{key: ("transfer",) for key in ("backbone", "backbone_weights", "refine_after", "input_size", "feature_cache")},
 }
+# Settings that say where and how a run runs, not what it is: a resumed run runs under the
+# resuming call's. With `steps` and `distributed`, they may differ without making it another run.
+WHERE_AND_HOW = ("data", "device", "tensorboard", "cuda_graph")
+NOT_IDENTITY = frozenset({"steps", "distributed", *WHERE_AND_HOW})
 # Where a study's defaults differ from the classifier's (the report's step counts).
 STUDY_DEFAULTS = {"siamese": {"steps": 50000, "val_fraction": 0.2}, "transfer": {"steps": 10000}}
 

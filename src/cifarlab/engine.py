@@ -30,7 +30,7 @@ from torch import nn
 from cifarlab import CifarlabError
 from cifarlab.config import Config
 from cifarlab.distributed import Solo
-from cifarlab.runs import RunDir
+from cifarlab.runs import RunDir, load_state
 
 
 class Task(Protocol):
@@ -389,10 +389,11 @@ class Trainer:
         """Continue from last.pt; every rank loads it (a run saved by another number of
         processes resumes too, the other ranks then with fresh dropout streams)."""
         state = self.run.load_training_state(self.device)
-        self.model.load_state_dict(state["model"])
+        last = self.run.checkpoints / "last.pt"
+        load_state(self.model, state["model"], last, "it belongs to another run: train this one anew")
         self.step = int(state["step"])
         self._sync_phase()  # the optimizer must have the groups it had when saved
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_state(self.optimizer, state["optimizer"], last, "it belongs to another run: train this one anew")
         self.runner.load_state_dict(state["accumulators"])
         ranks = state.get("rng_ranks", [])
         if len(ranks) == self.group.world_size > 1:

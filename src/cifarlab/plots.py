@@ -15,6 +15,13 @@ SPLIT_STYLE = {"train": dict(linestyle="-", alpha=0.55), "val": dict(linestyle="
                "test": dict(linestyle="--", marker="o", ms=3)}
 
 
+def image_formats() -> list[str]:
+    """The file types savefig writes (png, pdf, svg, ...), by suffix."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
 def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | None = None) -> Path:
     """Accuracy (left) and loss (right) against step, train and test, one colour per run."""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -18,16 +18,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cifarlab import CifarlabError, __version__
-from cifarlab.config import Config, load_config
+from cifarlab.config import NOT_IDENTITY, WHERE_AND_HOW, Config, load_config
 from cifarlab.fileio import read_json, write_json
 from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
 
 # The report's three studies, by the name --only takes.
 GROUPS = {"study1": "classifier", "study2": "siamese", "study3": "transfer"}
 STATE_FILE = "reproduce.json"
-# Settings that say where and how a run runs, not what it is: a run is resumed under this call's.
-WHERE_AND_HOW = ("data", "device", "tensorboard", "cuda_graph")
-NOT_IDENTITY = {"steps", "distributed", *WHERE_AND_HOW}
 
 
 @dataclass

@@ -63,6 +63,36 @@ def last_and_best_test(metrics: list[dict]) -> tuple[dict | None, dict | None]:
     return (tests[-1], max(tests, key=lambda r: r["accuracy"])) if tests else (None, None)
 
 
+# What Trainer._training_state writes into last.pt (and resume reads).
+TRAINING_STATE_KEYS = ("step", "model", "optimizer", "accumulators", "rng_cpu", "clock")
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
+def load_state(target, state: dict, path: Path, what_to_do: str) -> None:
+    """target.load_state_dict(state) for a module or an optimizer, with a mismatch (missing or
+    unexpected entries, other shapes: a checkpoint of another network) as one line naming the file.
+    The target is left part-loaded then: the caller stops."""
+    def refuse(why: str):
+        raise CifarlabError(f"{path}: does not fit this run's network ({why}); {what_to_do}") from None
+
+    try:
+        if not isinstance(target, torch.nn.Module):
+            target.load_state_dict(state)
+            return
+        result = target.load_state_dict(state, strict=False)
+    except (RuntimeError, KeyError, ValueError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        refuse(next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")[:200])
+    problems = [f"{len(keys)} {what} entries, e.g. {keys[0]!r}" for what, keys in
+                (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
+    if problems:
+        refuse("; ".join(problems))
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -85,11 +115,12 @@ class RunDir:
         no empty directory behind.
         """
         path = Path(out) if out else stamped_path(root, study)
+        if path.exists() and not path.is_dir():
+            raise CifarlabError(f"{path}: is a file, not a run directory; choose another --out")
         if path.exists() and any(path.iterdir()):
-            raise CifarlabError(
-                f"{path}: already exists and is not empty; pass --resume {path} to continue it "
-                f"or choose another --out"
-            )
+            hint = (f"pass --resume {path} to continue it" if (path / "config.toml").is_file()
+                    else "it is not a cifarlab run")
+            raise CifarlabError(f"{path}: already exists and is not empty; {hint}, or choose another --out")
         return cls(path)
 
     def materialise(self) -> None:
@@ -179,7 +210,7 @@ class RunDir:
             state = load_file(str(path), device=str(next(model.parameters()).device))
         except Exception as err:  # safetensors raises several types for damaged files
             raise CifarlabError(f"{path}: cannot read checkpoint ({err}); delete it or use another --checkpoint") from None
-        model.load_state_dict(state)
+        load_state(model, state, path, "use another --checkpoint")
         return step
 
     def save_training_state(self, state: dict) -> None:
@@ -190,9 +221,18 @@ class RunDir:
         if not path.is_file():
             raise CifarlabError(f"{path}: not found, nothing to resume; start a new run instead")
         try:
-            return torch.load(path, map_location=device, weights_only=True)
-        except Exception as err:
-            raise CifarlabError(f"{path}: cannot read ({err}); resume is not possible from it") from None
+            state = torch.load(path, map_location=device, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a damaged file raises many types
+            # torch's weights-only refusal begins with advice to unpickle the file unchecked: not ours to give
+            why = ("it holds objects other than tensors and plain values" if "Weights only load failed" in str(err)
+                   else _first_line(err))
+            raise CifarlabError(f"{path}: damaged or not a cifarlab training state ({why}); "
+                                "resume is not possible from it: train the run anew") from None
+        missing = [key for key in TRAINING_STATE_KEYS if not isinstance(state, dict) or key not in state]
+        if missing:
+            raise CifarlabError(f"{path}: not a cifarlab training state (no {missing[0]!r}); "
+                                "resume is not possible from it: train the run anew")
+        return state
 
     def saved_step(self) -> int | None:
         """The step last.pt was saved at (Ctrl-C saves it between checkpoints), None without a

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
-from cifarlab.config import Config
+from cifarlab import CifarlabError
+from cifarlab.config import NOT_IDENTITY, Config
 from cifarlab.distributed import launch
 from cifarlab.engine import Trainer, make_autocast
 from cifarlab.runs import RunDir
@@ -25,6 +27,10 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
         cfg = run.config().replace(distributed=False)
     if overrides:
         cfg = cfg.replace(**overrides)
+    if cfg.data:  # recorded so that eval, analysis and resume find it from any working directory
+        cfg = cfg.replace(data=str(Path(cfg.data).expanduser().resolve()))
+    if resume is not None:
+        _check_resumable(run, cfg)
     with launch(cfg) as group:
         if resume is None:  # rank 0 names it (a time stamp) and checks it is free
             run = group.on_main(lambda: RunDir.create(out, cfg.study))
@@ -43,3 +49,22 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
 
             plot_curves([(run.name, run.metrics)], run.path / "plots" / "curves.png", title=run.name)
     return run, summary
+
+
+def _check_resumable(run: RunDir, cfg: Config) -> None:
+    """A resume trains on to cfg.steps: refuse fewer steps than the run has reached, and settings
+    changed on a run that has nothing left to train (its records would describe training that
+    never happened)."""
+    reached = run.saved_step()
+    if reached is None:
+        return  # load_training_state says what is wrong with last.pt
+    if cfg.steps < reached:
+        raise CifarlabError(f"{run.path} has reached step {reached}; resuming it needs --steps of at least "
+                            f"{reached} (got {cfg.steps})")
+    if cfg.steps == reached:
+        have = run.config()
+        changed = [f.name for f in fields(Config) if f.name not in NOT_IDENTITY
+                   and getattr(have, f.name) != getattr(cfg, f.name)]
+        if changed:
+            raise CifarlabError(f"{run.path} has reached its {reached} steps, so nothing would train with the "
+                                f"changed {', '.join(changed)}; give --steps above {reached} to train on")
