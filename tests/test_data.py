@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import http.client
 import io
+import struct
 import os
 import pickle
 import re
 import shutil
 import tarfile
 import urllib.error
+import zlib
+
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import dump_pickle, make_cifar_python, make_image_folders, make_tar, md5_of, tiny_arrays
+from conftest import dump_pickle, make_cifar_python, make_image_folders, make_tar, md5_of, run_cli, tiny_arrays
 from PIL import Image
 
 from cifarlab import fileio
@@ -93,6 +97,18 @@ def test_jpeg_image_folders_load(tmp_path):
         np.testing.assert_array_equal(ds.train_images[1], np.asarray(im))
 
 
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "1"])
+def test_8_bit_grayscale_palette_and_alpha_images_are_converted_to_rgb(tmp_path, mode):
+    root = make_image_folders(tmp_path / "data", N)
+    culprit = root / "train" / CLASSES[2] / "0001.png"
+    Image.fromarray(tiny_arrays(N)["train_images"][12]).convert(mode).save(culprit)
+    with Image.open(culprit) as im:
+        assert im.mode == mode
+        expected = np.asarray(im.convert("RGB"))
+    ds = load(root)
+    np.testing.assert_array_equal(ds.train_images[12], expected)
+
+
 @pytest.mark.parametrize("kind", ["image-folder", "cifar-python", "tar.gz"])
 def test_data_may_point_at_the_layout_itself(tmp_path, kind):
     if kind == "image-folder":
@@ -151,6 +167,27 @@ def test_archive_with_wrong_md5_is_refused_and_kept(tmp_path):
     assert str(archive) in str(err.value) and "delete it" in str(err.value)
     assert md5_of(archive) == md5
     assert files_under(root) == [archive.relative_to(root)]
+
+
+def test_data_pointing_at_another_file_says_so_and_keeps_it(tmp_path):
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(photo)
+    content = photo.read_bytes()
+    with pytest.raises(DataError) as err:
+        load(photo)
+    message = str(err.value)
+    assert message.startswith(f"{photo}: ") and "\n" not in message
+    assert "--data" in message and "not the CIFAR-10 archive" in message and BATCHES_DIR in message
+    assert "download" not in message and "delete" not in message and "corrupt" not in message
+    assert photo.read_bytes() == content and sorted(tmp_path.iterdir()) == [photo]
+
+
+def test_renamed_official_archive_is_read(tmp_path):
+    archive, md5 = make_tar(tmp_path / "data", N)
+    renamed = archive.rename(tmp_path / "data" / "cifar10.tgz")
+    ds = load(renamed, expected_md5=md5)
+    assert_arrays(ds, tiny_arrays(N))
+    assert (ds.layout, ds.source, ds.checksum) == ("tar.gz", renamed, "md5 ok")
 
 
 def _unsafe_member(kind, tmp_path):
@@ -261,6 +298,30 @@ def test_interrupted_download_leaves_no_archive(tmp_path, monkeypatch, error):
     assert files_under(root) == []
 
 
+@pytest.mark.parametrize("failure", ["offline", "interrupted", "wrong-md5"])
+def test_failed_download_removes_only_the_folders_it_made(tmp_path, monkeypatch, failure):
+    def offline(url, timeout):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    if failure == "offline":
+        monkeypatch.setattr(fileio.urllib.request, "urlopen", offline)
+    elif failure == "interrupted":
+        monkeypatch.setattr(fileio.urllib.request, "urlopen", lambda url, timeout: _DyingResponse(KeyboardInterrupt()))
+    else:
+        served, _ = make_tar(tmp_path / "server", N)
+        monkeypatch.setattr(data, "CIFAR10_URL", served.as_uri())
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    (tmp_path / "empty").mkdir()
+    error = KeyboardInterrupt if failure == "interrupted" else DataError
+    for root in (tmp_path / "new" / "deeper" / "data", tmp_path / "kept" / "data", tmp_path / "empty"):
+        with pytest.raises(error):
+            load_cifar10(root, progress=False, expected_md5="0" * 32)
+    assert not (tmp_path / "new").exists()
+    assert files_under(tmp_path / "kept") == [Path("notes.txt")]
+    assert (tmp_path / "empty").is_dir() and files_under(tmp_path / "empty") == []
+
+
 def test_download_keeps_an_archive_already_there(tmp_path, monkeypatch):
     archive, md5 = make_tar(tmp_path / "data", N)
     monkeypatch.setattr(fileio.urllib.request, "urlopen", None)  # any download attempt would fail loudly
@@ -325,14 +386,29 @@ def test_cached_arrays_are_writable_without_touching_the_cache(tmp_path):
     assert_arrays(load(root), tiny_arrays(N))
 
 
-def test_unwritable_cache_warns_and_still_loads(tmp_path, monkeypatch):
+def test_unwritable_cache_warns_in_one_line_and_still_loads(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    monkeypatch.setenv("CIFARLAB_CACHE", str(blocker / "cache"))
-    with pytest.warns(UserWarning, match="could not write the CIFAR-10 cache"):
-        ds = load(make_image_folders(tmp_path / "data", N))
+    monkeypatch.setenv("CIFARLAB_CACHE", str(blocker))
+    ds = load(make_image_folders(tmp_path / "data", N))
     assert (ds.cache, ds.from_cache) == (None, False)
     assert_arrays(ds, tiny_arrays(N))
+    err = capsys.readouterr().err
+    assert err == f"warning: cannot write the decoded cache at {blocker / 'decoded'} (Not a directory); decoding every time\n"
+    assert "cache:    could not be written: cannot write the decoded cache at" in describe(ds)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_cli_data_with_an_unwritable_cache_warns_in_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("CIFARLAB_CACHE", str(blocker))
+    result = run_cli("data", "--data", make_cifar_python(tmp_path / "data", N), "--no-download")
+    assert result.returncode == 0
+    assert result.stderr.startswith("warning: cannot write the decoded cache at ") and result.stderr.count("\n") == 1
+    assert "data.py" not in result.stderr and "Warning" not in result.stderr
+    cache_line = next(line for line in result.stdout.splitlines() if line.startswith("cache:"))
+    assert "could not be written" in cache_line and str(blocker) in cache_line
 
 
 def test_cache_defaults_to_the_user_cache(tmp_path, monkeypatch):
@@ -351,6 +427,28 @@ def test_touched_source_file_rebuilds_the_cache(tmp_path, isolated_cache):
     second = load(root)
     assert not second.from_cache and second.cache != first.cache
     assert list((isolated_cache / "decoded").glob("*.npz")) == [second.cache]  # the stale one is gone
+
+
+def test_changes_behind_a_symlinked_class_folder_rebuild_the_cache(tmp_path):
+    root = make_image_folders(tmp_path / "data", N)
+    real = tmp_path / "elsewhere" / "cat"
+    real.parent.mkdir()
+    shutil.move(root / "train" / "cat", real)
+    (root / "train" / "cat").symlink_to(real, target_is_directory=True)
+    (root / "train" / "dog" / "up").symlink_to(root, target_is_directory=True)  # a loop: not followed forever
+    first = load(root)
+    assert_arrays(first, tiny_arrays(N))
+    assert load(root).from_cache
+    (real / "0000.png").unlink()
+    (real / "0001.png").unlink()
+    second = load(root)
+    assert not second.from_cache
+    assert np.bincount(second.train_labels)[CLASSES.index("cat")] == N - 2
+    assert load(root).from_cache
+    bad = real / "0009.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=re.escape(f"{root / 'train' / 'cat' / bad.name}:")):
+        load(root)
 
 
 def test_changed_pixels_are_picked_up(tmp_path):
@@ -451,6 +549,60 @@ def _wrong_size_image(tmp_path):
     return root, culprit
 
 
+def _png_bytes(width, height, bit_depth, color_type, row):
+    """A PNG Pillow cannot write (16 bits per colour channel), built from its chunks."""
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\0" + row for _ in range(height)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def _sixteen_bit_gray_image(tmp_path):
+    root = make_image_folders(tmp_path, N)
+    culprit = root / "train" / "cat" / "h16.png"
+    Image.fromarray(np.full((32, 32), 60000, np.uint16)).save(culprit)  # Pillow would clip it to white
+    return root, culprit
+
+
+def _sixteen_bit_rgb_image(tmp_path):
+    root = make_image_folders(tmp_path, N)
+    culprit = root / "test" / "dog" / "rgb48.png"
+    culprit.write_bytes(_png_bytes(32, 32, 16, 2, b"\xea\x60" * 3 * 32))
+    return root, culprit
+
+
+def _float_image(tmp_path):
+    root = make_image_folders(tmp_path, N)
+    culprit = root / "train" / "bird" / "float.png"
+    Image.fromarray(np.full((32, 32), 0.5, np.float32)).save(culprit, format="TIFF")  # opened by content
+    return root, culprit
+
+
+def _32_bit_int_image(tmp_path):
+    root = make_image_folders(tmp_path, N)
+    culprit = root / "train" / "frog" / "int32.png"
+    Image.fromarray(np.full((32, 32), 70000, np.int32)).save(culprit, format="TIFF")
+    return root, culprit
+
+
+def _empty_train_class_folder(tmp_path):
+    root = make_image_folders(tmp_path, N)
+    for image in (root / "train" / "cat").iterdir():
+        image.unlink()
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"hidden, not an image")
+    return root, root / "train" / "cat"
+
+
+def _empty_test_class_folder(tmp_path):
+    root = make_image_folders(tmp_path, N)
+    shutil.rmtree(root / "test" / "horse")
+    (root / "test" / "horse").mkdir()
+    return root, root / "test" / "horse"
+
+
 def _no_test_folder(tmp_path):
     root = make_image_folders(tmp_path, N)
     shutil.rmtree(root / "test")
@@ -482,6 +634,12 @@ BAD_INPUTS = [
     _no_test_folder,
     _nine_class_folders,
     _test_classes_differ,
+    _sixteen_bit_gray_image,
+    _sixteen_bit_rgb_image,
+    _float_image,
+    _32_bit_int_image,
+    _empty_train_class_folder,
+    _empty_test_class_folder,
 ]
 
 
@@ -497,6 +655,28 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, breaker):
     assert err.value.__cause__ is None
     if content is not None:
         assert culprit.read_bytes() == content  # never rewritten or deleted
+
+
+@pytest.mark.parametrize("breaker", [_sixteen_bit_gray_image, _sixteen_bit_rgb_image, _float_image, _32_bit_int_image])
+def test_images_deeper_than_8_bits_are_refused(tmp_path, breaker):
+    root, culprit = breaker(tmp_path / "data")
+    with pytest.raises(DataError, match="8 bits per channel") as err:
+        load(root)
+    assert str(err.value).startswith(f"{culprit}: image has ") and "convert it to 8-bit RGB" in str(err.value)
+
+
+def test_cli_refuses_a_16_bit_image_in_one_line(tmp_path):
+    root, culprit = _sixteen_bit_gray_image(tmp_path / "data")
+    result = run_cli("data", "--data", root, "--no-download")
+    assert result.returncode != 0 and result.stdout == ""
+    last = result.stderr.splitlines()[-1]  # after the progress bar's
+    assert last.startswith(f"error: {culprit}: image has 16-bit pixels") and result.stderr.count("error") == 1
+
+
+def test_empty_class_folder_is_refused_by_name(tmp_path):
+    root, folder = _empty_train_class_folder(tmp_path / "data")
+    with pytest.raises(DataError, match=re.escape(f"{folder}: holds no PNG or JPEG images")):
+        load(root)
 
 
 # --- helpers ----------------------------------------------------------------------------------

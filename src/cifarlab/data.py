@@ -20,7 +20,6 @@ import struct
 import sys
 import tarfile
 import tempfile
-import warnings
 import zipfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageMode
 from tqdm import tqdm
 
 from cifarlab import CifarlabError
@@ -78,6 +77,7 @@ class Cifar10:
     checksum: str
     cache: Path | None  # the cache file used or written; None if caching was off or failed
     from_cache: bool
+    cache_error: str | None = None  # why the cache could not be written (then `cache` is None)
 
 
 # --- where things live ------------------------------------------------------------------------
@@ -108,7 +108,8 @@ def _is_batches_dir(path: Path) -> bool:
 def find_layout(root: Path) -> tuple[str, Path] | None:
     """Which layout `root` holds or is, preferring the one that needs the least work to read.
 
-    A file is taken to be the archive, whatever its name: its md5 check then says if it is not.
+    A file is taken to be the archive, whatever its name: its md5 check then says if it is not
+    (for another name, that --data names the wrong file).
     """
     root = Path(root)
     if root.is_file():
@@ -148,11 +149,14 @@ def load_cifar10(
         folder = _extract(source) if layout == "tar.gz" else source
         tops, read = [folder], functools.partial(_read_batches, folder)
     if cache:
-        arrays, cache_file, from_cache = _load_cached(folder, tops, read)
+        # The loader reads train/<class>/<file> of image folders and <folder>/<file> of pickles.
+        depth = 2 if layout == "image-folder" else 1
+        arrays, cache_file, from_cache, cache_error = _load_cached(folder, tops, depth, read)
     else:
-        arrays, cache_file, from_cache = read(), None, False
+        arrays, cache_file, from_cache, cache_error = read(), None, False, None
     return Cifar10(
-        **arrays, layout=layout, source=source, checksum=checksum, cache=cache_file, from_cache=from_cache
+        **arrays, layout=layout, source=source, checksum=checksum, cache=cache_file,
+        from_cache=from_cache, cache_error=cache_error,
     )
 
 
@@ -168,6 +172,8 @@ def _locate(
         archive = download_cifar10(root, url=CIFAR10_URL, expected_md5=expected_md5, progress=progress)
         return "tar.gz", archive, "md5 ok (downloaded)" if expected_md5 else "not checked (no md5 given)"
     layout, source = found
+    if layout == "tar.gz" and source.name != ARCHIVE_NAME:
+        return layout, source, _check_named_file(source, expected_md5)
     if layout == "tar.gz":
         return layout, source, _check_archive(source, expected_md5)
     return layout, source, CHECKSUM_FOLDERS if layout == "image-folder" else CHECKSUM_PICKLES
@@ -205,6 +211,20 @@ def _check_archive(archive: Path, expected_md5: str | None) -> str:
     return "md5 ok"
 
 
+def _check_named_file(path: Path, expected_md5: str | None) -> str:
+    """--data named a file with another name than the archive's: a renamed official archive (its
+    md5 matches) is read; any other file is the wrong one, and is not the user's to delete."""
+    if not expected_md5:
+        return "not checked (no md5 given)"
+    if _md5_file(path) != expected_md5.lower():
+        raise DataError(
+            f"{path}: --data (or CIFARLAB_DATA) points at a file that is not the CIFAR-10 archive "
+            f"{ARCHIVE_NAME}; point it at that archive, at an extracted {BATCHES_DIR}/ folder, at a "
+            "folder of train/<class>/ + test/<class>/ images, or at a folder holding one of them"
+        )
+    return "md5 ok"
+
+
 def download_cifar10(
     root: Path,
     *,
@@ -221,17 +241,42 @@ def download_cifar10(
     archive = root / ARCHIVE_NAME
     if archive.exists():
         return archive
+    created: list[Path] = []  # the folders this call made, to remove again if it fails
     try:
-        with atomic_path(archive) as tmp:
-            actual = stream_url(url, tmp, "md5", "download CIFAR-10", progress)
-            if expected_md5 and actual != expected_md5.lower():
-                raise DataError(
-                    f"the download from {url} has md5 {actual}, expected {expected_md5}; "
-                    "it was discarded: run again, or download the archive yourself into " + str(root)
-                )
-    except (OSError, ValueError, http.client.HTTPException) as err:
-        raise DataError(_how_to_provide(root, f"could not download {url} ({err})", url)) from None
+        try:
+            _make_folders(root, created)
+            with atomic_path(archive) as tmp:
+                actual = stream_url(url, tmp, "md5", "download CIFAR-10", progress)
+                if expected_md5 and actual != expected_md5.lower():
+                    raise DataError(
+                        f"the download from {url} has md5 {actual}, expected {expected_md5}; "
+                        "it was discarded: run again, or download the archive yourself into " + str(root)
+                    )
+        except (OSError, ValueError, http.client.HTTPException) as err:
+            raise DataError(_how_to_provide(root, f"could not download {url} ({err})", url)) from None
+    except BaseException:  # interrupted too: leave no empty folder behind
+        for folder in reversed(created):
+            try:
+                folder.rmdir()  # only if still empty
+            except OSError:
+                break
+        raise
     return archive
+
+
+def _make_folders(folder: Path, created: list[Path]) -> None:
+    """mkdir -p `folder`, appending each folder this call itself made to `created`, outermost first
+    (one that appears meanwhile, made by someone else, is not added)."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        created.append(path)
 
 
 def _extract(archive: Path) -> Path:
@@ -405,21 +450,47 @@ def _list_split(split_dir: Path, classes: list[str]) -> tuple[list[str], np.ndar
     paths, labels, ranks = [], [], []
     for label, name in enumerate(classes):
         files = _image_files(split_dir / name)
+        if not files:
+            raise DataError(
+                f"{split_dir / name}: holds no PNG or JPEG images (hidden files are skipped); every "
+                "class needs images in both train/ and test/: put this class's images there"
+            )
         paths += files
         labels += [label] * len(files)
         ranks += range(len(files))
-    if not paths:
-        raise DataError(f"{split_dir}: its class folders hold no PNG or JPEG images")
     order = np.lexsort((labels, ranks))
     return [paths[i] for i in order], np.asarray(labels, dtype=np.int64)[order]
+
+
+def _deeper_than_8_bits(im: Image.Image) -> str | None:
+    """What an image's pixels are if not 8 bits per channel ("16-bit", ...), else None.
+
+    Pillow opens 16-bit grayscale as mode I;16 and 32-bit or float images as I or F, which
+    convert("RGB") clips to 0..255 (a 16-bit image turns white); 16-bit colour PNGs it opens as RGB(A)
+    but reads with a ";16" raw mode. Grayscale, palette and alpha images of 8 bits (or fewer) are fine.
+    """
+    kind = ImageMode.getmode(im.mode).typestr[1:]  # "u1", "b1" (mode 1), "u2", "i4", "f4"
+    if kind in ("u1", "b1"):
+        args = im.tile[0].args if im.tile else None
+        rawmode = args if isinstance(args, str) else args[0] if args and isinstance(args[0], str) else ""
+        return "16-bit-per-channel" if ";16" in rawmode else None
+    what = {"f": "floating-point", "i": "integer"}.get(kind[0], "")
+    return f"{int(kind[1:]) * 8}-bit {what}".strip()
 
 
 def _decode(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            deep = _deeper_than_8_bits(im)
+            if deep is None:
+                pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except Exception as err:  # Pillow raises many exception types for damaged files
         raise DataError(f"{path}: cannot decode the image ({err}): replace or remove it") from None
+    if deep is not None:
+        raise DataError(
+            f"{path}: image has {deep} pixels (Pillow mode {im.mode}), cifarlab reads 8 bits per "
+            "channel only: convert it to 8-bit RGB or remove it"
+        )
     if pixels.shape != IMAGE_SHAPE:
         height, width = pixels.shape[:2]
         raise DataError(
@@ -492,27 +563,34 @@ def _read_image_folders(root: Path, progress: bool) -> dict:
 # --- the decoded-array cache ------------------------------------------------------------------
 
 
-def _file_stats(top: Path) -> list[str]:
-    """Path (below top's parent), size and mtime_ns of every file under `top`.
+def _file_stats(top: Path, depth: int) -> list[str]:
+    """Path (below top's parent), size and mtime_ns of every file, and the path of every folder,
+    under `top` down to `depth` levels (files in top are level 1).
 
-    os.scandir and string slicing, not rglob/relpath: this runs on every load, over 60k files.
+    Symlinked folders and files are followed, as the loader follows them (a class folder may be a
+    link): the stats are those of the files it reads. `depth` is as deep as the loader reads, which
+    also keeps a link to a folder above from looping. os.scandir and string slicing, not
+    rglob/relpath: this runs on every load, over 60k files.
     """
     label, skip = top.name, len(os.fspath(top)) + 1
-    stats, pending = [], [os.fspath(top)]
+    stats, pending = [], [(os.fspath(top), 1)]
     while pending:
-        with os.scandir(pending.pop()) as entries:
+        folder, level = pending.pop()
+        with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
+                if entry.is_dir():
+                    if level < depth:
+                        stats.append(f"{label}/{entry.path[skip:]}/")
+                        pending.append((entry.path, level + 1))
                 elif entry.is_file():
                     st = entry.stat()
                     stats.append(f"{label}/{entry.path[skip:]}\0{st.st_size}\0{st.st_mtime_ns}")
     return stats
 
 
-def _cache_file(folder: Path, tops: list[Path]) -> Path:
+def _cache_file(folder: Path, tops: list[Path], depth: int) -> Path:
     """Name the cache by source path and fingerprint, so any change to the source misses it."""
-    stats = sorted(line for top in tops if top.is_dir() for line in _file_stats(top.absolute()))
+    stats = sorted(line for top in tops if top.is_dir() for line in _file_stats(top.absolute(), depth))
     fingerprint = hashlib.sha256("\n".join([f"format {_CACHE_FORMAT}", *stats]).encode()).hexdigest()
     where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()
     return _cache_dir() / f"cifar10-{where[:16]}-{fingerprint[:16]}.npz"
@@ -561,30 +639,40 @@ def _read_cache(path: Path) -> dict | None:
     return arrays if shapes_ok and len(arrays["classes"]) == NUM_CLASSES else None
 
 
-def _write_cache(path: Path, arrays: dict) -> bool:
-    """Write the cache (uncompressed: loading must be fast) and drop older ones of the same source."""
+def _write_cache(path: Path, arrays: dict) -> str | None:
+    """Write the cache (uncompressed: loading must be fast) and drop older ones of the same source.
+
+    Returns None, or why it could not be written, after printing that as one warning line
+    (the load goes on without a cache).
+    """
     try:
         write_with(path, lambda tmp: np.savez(tmp, **{**arrays, "classes": np.array(arrays["classes"])}))
     except OSError as err:
-        warnings.warn(f"could not write the CIFAR-10 cache {path} ({err}); the next load decodes again")
-        return False
+        reason = err.strerror or str(err)
+        if err.filename and os.fspath(err.filename) != os.fspath(path.parent):
+            reason = f"{reason}: {os.fspath(err.filename)}"
+        why = f"cannot write the decoded cache at {path.parent} ({reason})"
+        print(f"warning: {why}; decoding every time", file=sys.stderr)
+        return why
     source_prefix = path.name.rsplit("-", 1)[0]
     for old in path.parent.glob(f"{source_prefix}-*.npz"):
         if old != path:
             old.unlink(missing_ok=True)
-    return True
+    return None
 
 
 def _load_cached(
-    folder: Path, tops: list[Path], read: Callable[[], dict]
-) -> tuple[dict, Path | None, bool]:
-    """(arrays, cache file or None if it could not be written, whether they came from it)."""
-    path = _cache_file(folder, tops)
+    folder: Path, tops: list[Path], depth: int, read: Callable[[], dict]
+) -> tuple[dict, Path | None, bool, str | None]:
+    """(arrays, cache file or None if it could not be written, whether they came from it, why it
+    could not be written or None)."""
+    path = _cache_file(folder, tops, depth)
     arrays = _read_cache(path)
     if arrays is not None:
-        return arrays, path, True
+        return arrays, path, True, None
     arrays = read()
-    return arrays, (path if _write_cache(path, arrays) else None), False
+    error = _write_cache(path, arrays)
+    return arrays, (None if error else path), False, error
 
 
 # --- reporting and simple transforms ----------------------------------------------------------
@@ -593,7 +681,7 @@ def _load_cached(
 def describe(ds: Cifar10) -> str:
     """What `cifarlab data` prints: where the data came from and how much of each class."""
     if ds.cache is None:
-        cache = "off"
+        cache = f"could not be written: {ds.cache_error}; decoded every time" if ds.cache_error else "off"
     else:
         cache = f"{ds.cache} ({'hit' if ds.from_cache else 'miss: decoded and written'})"
     train = np.bincount(ds.train_labels, minlength=len(ds.classes))
