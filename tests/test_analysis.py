@@ -53,7 +53,7 @@ def test_features_have_one_float32_array_per_analysable_layer(run_copy):
         assert feats.layers[name].shape == (N_TEST, dims) and feats.layers[name].dtype == np.float32
     assert np.array_equal(feats.labels, data.test_labels)
     assert feats.checkpoint == 4 and feats.classes == data.classes
-    with np.load(path / "features" / "test.npz") as z:
+    with np.load(path / "features" / "test-step-4.npz") as z:
         assert sorted(z.files) == sorted(["labels", "meta", *LAYERS])
     logits = A.load_features(path, "logits", data=data, progress=False)
     assert list(logits.layers) == ["logits"] and logits.layers["logits"].shape == (N_TEST, 10)
@@ -82,13 +82,29 @@ def test_extraction_equals_the_models_own_forward_pass(run_copy):
     np.testing.assert_allclose(feats.layers["logits"], logits.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_features_of_other_data_are_extracted_anew(run_copy):
+    import dataclasses
+
+    path, data = run_copy
+    npz = path / "features" / "test-step-4.npz"
+    A.load_features(path, "fc2", data=data, progress=False)
+    assert A.read_meta(npz)["data"] == str(data.source)
+    other = dataclasses.replace(data, source=data.source.parent / "other", test_images=data.test_images[:, ::-1].copy())
+    feats = A.load_features(path, "fc2", data=other, progress=False)
+    assert A.read_meta(npz)["data"] == str(other.source)
+    direct = A.load_features(path, "fc2", data=data, progress=False)  # and back: extracted again
+    assert not np.array_equal(feats.layers["fc2"], direct.layers["fc2"])
+
+
 def test_features_follow_the_requested_checkpoint(run_copy):
     path, data = run_copy
-    npz = path / "features" / "test.npz"
-    assert A.load_features(path, "fc2", checkpoint=2, data=data, progress=False).checkpoint == 2
-    old = A.load_features(path, "fc2", checkpoint=2, data=data, progress=False).layers["fc2"]
-    latest = A.load_features(path, "fc2", data=data, progress=False)  # latest checkpoint: extracted again
-    assert latest.checkpoint == 4 and not np.array_equal(old, latest.layers["fc2"])
+    npz = path / "features" / "test-step-4.npz"
+    first = A.load_features(path, "fc1,fc2", checkpoint=2, data=data, progress=False)
+    assert first.checkpoint == 2 and first.path == path / "features" / "test-step-2.npz"
+    kept = first.path.read_bytes()
+    latest = A.load_features(path, "fc2", data=data, progress=False)  # latest checkpoint: its own file
+    assert latest.checkpoint == 4 and latest.path == npz and not np.array_equal(first.layers["fc2"], latest.layers["fc2"])
+    assert first.path.read_bytes() == kept, "step 2's features were replaced"
     stamp = npz.stat().st_mtime_ns
     A.load_features(path, "fc2", data=data, progress=False)
     assert npz.stat().st_mtime_ns == stamp, "fresh features were extracted again"
@@ -152,7 +168,7 @@ def test_ovr_writes_json_table_and_confusion_for_both_protocols(run_copy):
     assert 0 <= result["accuracy"] <= 1 and list(result["per_class_accuracy"]) == list(data.classes)
     assert np.array(result["confusion"]).shape == (10, 10) and np.array(result["confusion"]).sum() == N_TEST
     assert result["checkpoint"] == 4 and result["fit_seconds"] >= 0
-    assert (path / "features" / "train.npz").is_file()
+    assert (path / "features" / "train-step-4.npz").is_file()
     for name in LAYERS:
         assert (path / "plots" / f"confusion-{name}.png").stat().st_size > 10_000
     table = A.format_ovr_table(seed_rows + split_rows)

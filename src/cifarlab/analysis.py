@@ -5,15 +5,15 @@ study's network is analysed by the names of its stages: the ConvNet's flatten/fc
 `embedding`, a transfer `pool5`. Nothing here knows a particular network.
 
 Files inside a run directory (each written atomically):
-    features/<split>.npz          `labels`, one float32 (N, D) array per layer, `meta` (JSON: checkpoint
-                                  step, layers, the network's stage names, class names)
+    features/<split>-step-<N>.npz `labels`, one float32 (N, D) array per layer, `meta` (JSON: checkpoint
+                                  step, data source, layers, the network's stage names, class names)
     analysis/tsne-<layer>.npz     2-D coordinates, their labels and rows in the features file
     analysis/ovr-<layer>.json     accuracy, per-class accuracy and confusion matrix, one entry per
                                   protocol/classifier
     plots/tsne-<layer>.png, plots/tsne-all.png, plots/confusion-<layer>.png
 
-Features are extracted on demand and re-extracted when they came from another checkpoint than the
-one asked for (by default the latest) or when that checkpoint file is newer than they are.
+Features are extracted on demand, one file per split and checkpoint (by default the latest), and
+re-extracted when they came from other data than asked for or that checkpoint is newer than they are.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ _FORMAT = 1
 
 @dataclass
 class Features:
-    """Features of some layers on one split, as read from `features/<split>.npz`."""
+    """Features of some layers on one split, as read from `features/<split>-step-<N>.npz`."""
 
     labels: np.ndarray  # int64 (N,)
     layers: dict[str, np.ndarray]  # name -> float32 (N, D), in network order
@@ -110,8 +110,19 @@ def checkpoint_step(run: RunDir, checkpoint: int | None = None) -> int:
     return checkpoint
 
 
-def features_path(run: RunDir, split: str) -> Path:
-    return run.path / "features" / f"{split}.npz"
+def features_path(run: RunDir, split: str, step: int) -> Path:
+    """One file per split and checkpoint: analysing one checkpoint keeps another's features."""
+    return run.path / "features" / f"{split}-step-{step}.npz"
+
+
+def data_key(cfg, data) -> str:
+    """Where the images features are computed on come from: a `Cifar10`'s source, else the data
+    folder that loading would use (`data`, the run's own, $CIFARLAB_DATA or the default)."""
+    from cifarlab.data import resolve_data_dir
+
+    if data is not None and not isinstance(data, (str, os.PathLike)):
+        return str(data.source)
+    return str(resolve_data_dir(data or cfg.data or None).resolve())
 
 
 def tsne_path(run_path: Path, layer: str) -> Path:
@@ -148,7 +159,7 @@ def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
 def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None = None,
                      split: str = "test", checkpoint: int | None = None, *, data=None, device: str | None = None,
                      progress: bool = True, keep: Sequence[str] = ()) -> Path:
-    """Run the checkpoint's network over one split and write `features/<split>.npz`.
+    """Run the checkpoint's network over one split and write `features/<split>-step-<N>.npz`.
 
     Batched, on the run's device (or `device`), in inference mode and the run's precision; every
     layer comes out as float32 (N, D). `data` is a `Cifar10` (tests) or a data folder overriding the
@@ -162,6 +173,7 @@ def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str
     _check_choice("split", split, SPLITS)
     step = checkpoint_step(run, checkpoint)
     cfg = run.config()
+    source = data_key(cfg, data)
     if isinstance(data, (str, os.PathLike)):
         cfg, data = cfg.replace(data=str(data)), None
     dev = resolve_device(device or cfg.device)
@@ -183,13 +195,13 @@ def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str
     images = task.splits[split]
     arrays = _forward(model, images, names, autocast, progress, f"features {split}")
     meta = {
-        "format": _FORMAT, "run": run.name, "split": split, "checkpoint": step, "layers": names,
+        "format": _FORMAT, "run": run.name, "split": split, "checkpoint": step, "data": source, "layers": names,
         "layer_names": list(model.layer_names), "dims": {n: int(a.shape[1]) for n, a in arrays.items()},
         "images": len(images), "classes": list(data.classes),
         "precision": cfg.precision, "device": str(dev), "created": dt.datetime.now().isoformat(timespec="seconds"),
     }
     labels = images.y.cpu().numpy().astype(np.int64)
-    path = features_path(run, split)
+    path = features_path(run, split, step)
     write_with(path, lambda tmp: np.savez(tmp, labels=labels, meta=np.array(json.dumps(meta)), **arrays))
     return path
 
@@ -228,10 +240,11 @@ def read_meta(path: Path) -> dict | None:
         return None
 
 
-def _fresh_meta(run: RunDir, path: Path, step: int) -> dict | None:
-    """Metadata of a features file made from checkpoint `step` and not older than that checkpoint."""
+def _fresh_meta(run: RunDir, path: Path, step: int, source: str) -> dict | None:
+    """Metadata of a features file made from checkpoint `step` on the images of `source`, and not
+    older than that checkpoint."""
     meta = read_meta(path)
-    if meta is None or meta.get("checkpoint") != step:
+    if meta is None or meta.get("checkpoint") != step or meta.get("data") != source:
         return None
     ckpt = run.checkpoints / f"step-{step}.safetensors"
     if ckpt.stat().st_mtime_ns > path.stat().st_mtime_ns:
@@ -248,8 +261,8 @@ def load_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str] |
     run = _open(run)
     _check_choice("split", split, SPLITS)
     step = checkpoint_step(run, checkpoint)
-    path = features_path(run, split)
-    meta = _fresh_meta(run, path, step)
+    path = features_path(run, split, step)
+    meta = _fresh_meta(run, path, step, data_key(run.config(), data))
     if meta is not None:
         wanted = select_layers(layers, meta["layer_names"], default)
         if not set(wanted) <= set(meta["layers"]):

@@ -334,7 +334,7 @@ def features(
     device: AnalysisDeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Extract a checkpoint's features on one split into RUN/features/<split>.npz
+    """Extract a checkpoint's features on one split into RUN/features/<split>-step-<N>.npz
     (labels plus one float32 array per layer). tsne and ovr do this on demand."""
     from cifarlab.analysis import extract_features, read_meta
 
