@@ -203,6 +203,9 @@ def test_resume_refuses_what_would_rewrite_the_runs_records(trained, tmp_path):
     one_error_line(run_cli("train", "siamese", "--resume", run, "--steps", reached + 3, "--quiet"),
                    "is a classifier run; resume it with `cifarlab train classifier --resume")
     assert {name: (run / name).read_bytes() for name in records} == records
+    (run / "config.toml").write_text(records["config.toml"].decode().replace("batch_size = 8", "batch_size = -5"))
+    one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", reached + 3, "--quiet"),
+                   f"{run / 'config.toml'}: invalid config: batch_size must be >= 1 (got -5)")
 
 
 def test_checkpoints_of_another_network_or_damaged_give_one_line(trained, tmp_path):

@@ -120,7 +120,12 @@ class Config:
                     f"{source}: {name} should be {kind.__name__}, got {value!r}"
                 )
             typed[name] = value
-        return cls(**typed).validate()
+        try:
+            return cls(**typed).validate()
+        except CifarlabError as err:
+            if source == "config":
+                raise
+            raise CifarlabError(f"{source}: {err}") from None
 
     @classmethod
     def for_study(cls, study: str, **changes: Any) -> "Config":
