@@ -171,6 +171,12 @@ def test_reproduce_and_report_give_one_line_errors(tmp_path):
     assert res.returncode == 2 and "batch_size should be int" in res.stderr
     res = run_cli("report", tmp_path)
     assert res.returncode == 2 and "holds no preset runs" in res.stderr and len(res.stderr.splitlines()) == 1
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes\n")
+    for args in (("reproduce", "--out", mine, "--only", "study1"), ("report", mine)):
+        one_error_line(run_cli(*args), f"{mine / 'report.md'}: exists and was not written by cifarlab")
+    assert sorted(p.name for p in mine.iterdir()) == ["report.md"] and (mine / "report.md").read_text() == "my notes\n"
 
 
 def copy_of(run, tmp_path):

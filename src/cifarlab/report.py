@@ -454,8 +454,25 @@ def render_markdown(tables: list[Table], figures: list[Figure], runs: list[dict]
     return "\n".join(out) + "\n"
 
 
+REPORT_FILES = {"report.html": "<title>cifarlab: ", "report.md": "# The CIFAR-10 study, reproduced by cifarlab"}
+
+
+def check_report_files(root: Path) -> None:
+    """Refuse a folder whose report.html or report.md cifarlab did not write (a user's own file
+    of that name would be replaced): checked before a reproduce trains, and before writing."""
+    for name, mark in REPORT_FILES.items():
+        path = Path(root) / name
+        if path.is_file():
+            with open(path, encoding="utf-8", errors="replace") as f:
+                head = f.read(2000)
+            if mark not in head:
+                raise CifarlabError(f"{path}: exists and was not written by cifarlab; move it away or "
+                                    "choose another folder for the report")
+
+
 def write_report(root: str | Path) -> tuple[Path, Path]:
     """Draw the figures into DIR/figures/ and write DIR/report.html and DIR/report.md."""
+    check_report_files(Path(root))
     data = ReportData(Path(root))
     folder = data.root / FIGURE_DIR
     tables, figures = build_tables(data), build_figures(data, folder)

@@ -403,13 +403,14 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
               log=print) -> dict:
     """Train, analyse, report. Returns the state written to DIR/reproduce.json."""
     from cifarlab.data import load_cifar10
-    from cifarlab.report import write_report
+    from cifarlab.report import check_report_files, write_report
 
     if jobs < 1:
         raise CifarlabError(f"--jobs must be >= 1 (got {jobs})")
     if max_evals is not None and max_evals < 1:
         raise CifarlabError(f"--max-evals must be >= 1 (got {max_evals})")
     out = Path(out)
+    check_report_files(out)  # before hours of training, not after
     groups = parse_only(only)
     runs = plan(out, groups, steps_scale, max_evals, str(data or ""), device, transfer_backbone, backbone_weights,
                 overrides)
