@@ -147,9 +147,11 @@ def test_two_processes_equal_one_only_rank_0_writes_and_resume_works(tmp_path, c
 
 
 def test_siamese_two_processes_equal_one(tmp_path, cifar_dir):
-    cfg = Config.for_study("siamese", steps=5, val_tuples=4, data=str(cifar_dir), **SHARED)
-    one, _ = train(cfg, out=str(tmp_path / "one"), progress=False)
-    ranks(tmp_path, "siamese", "--out", "two", *flags(steps=5, val_tuples=4, data=cifar_dir, **SHARED))
+    # one same-class partner per anchor: the small validation split has 2 images of some class
+    siamese = dict(steps=5, val_tuples=4, fraction_same=0.1, **SHARED)
+    one, _ = train(Config.for_study("siamese", data=str(cifar_dir), **siamese), out=str(tmp_path / "one"),
+                   progress=False)
+    ranks(tmp_path, "siamese", "--out", "two", *flags(data=cifar_dir, **siamese))
     assert_same_weights(one.path, tmp_path / "two", 5)
     assert_same_train_means(one.path, tmp_path / "two")
 

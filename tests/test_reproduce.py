@@ -50,6 +50,41 @@ def test_scaling_multiplies_every_step_count():
     assert scaled_config(load_preset("transfer-refine"), 0.02).refine_after == 0  # from the start stays
     assert scaled_config(load_preset("siamese-exp1"), 0.02, max_evals=5).eval_every == 200  # 1,000 steps / 5
     assert scaled_config(load_preset("classifier-b64"), 1.0) == load_preset("classifier-b64").config()
+    # a step count set explicitly (--set steps=N) is trained as given, the others still scale
+    cfg = scaled_config(load_preset("classifier-b128"), 0.02, steps=50)
+    assert (cfg.steps, cfg.eval_every, cfg.checkpoint_every) == (50, 20, 50)
+    assert scaled_config(load_preset("transfer-refine-1000"), 0.02, refine_after=7).refine_after == 7
+
+
+def test_tsne_points_are_checked_before_anything_trains(tmp_path):
+    with pytest.raises(CifarlabError, match="--tsne-points must be at least 2 \\(got 1\\)"):
+        reproduce(tmp_path / "out", data=tmp_path / "no-data", **{**QUICK, "tsne_points": 1})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_analysis_makes_reproduce_exit_non_zero(tmp_path, monkeypatch):
+    import cifarlab.report as report
+    import cifarlab.reproduce as rep
+    from conftest import run_cli
+
+    def analyse(out, records, *args, **kwargs):
+        records["classifier-b128"]["analysis"] = "analysis failed: boom"
+
+    monkeypatch.setattr(rep, "execute", lambda *a, **k: {"classifier-b128": {"status": "finished", "note": "trained"}})
+    monkeypatch.setattr(rep, "analyse", analyse)
+    monkeypatch.setattr(report, "write_report", lambda root: (Path(root) / "report.html", Path(root) / "report.md"))
+    res = run_cli("reproduce", "--data", make_image_folders(tmp_path / "data", 1), "--out", tmp_path / "out",
+                  "--only", "study1", "--quiet")
+    assert res.returncode == 2 and res.stderr.strip() == \
+        "error: the analysis of classifier-b128 failed (the report says why)"
+
+
+def test_report_notes_say_which_refine_step_and_which_metric():
+    from cifarlab.report import _steps_note
+
+    summary = {"steps": 10, "best_test_accuracy": 0.5, "best_test_step": 5}
+    assert _steps_note(summary, refine_after=1) == "refined from step 1 of 10; best 0.5000 at step 5"
+    assert _steps_note(summary, refine_after=-1) == _steps_note(summary) == "10 steps; best 0.5000 at step 5"
 
 
 def test_runs_at_once_are_handed_out_longest_first(tmp_path):
@@ -81,6 +116,9 @@ def test_only_and_set_are_checked(tmp_path):
         parse_settings(["batch_size"])
     with pytest.raises(CifarlabError, match="torchrun"):
         parse_settings(["distributed=true"])
+    for key, flag in (("data", "--data"), ("device", "--device"), ("backbone", "--transfer-backbone")):
+        with pytest.raises(CifarlabError, match=f"--set {key}=... is not how reproduce takes it: use {flag}"):
+            parse_settings([f"{key}=x"])
     names = [r.name for r in plan(tmp_path, ["study2"], 1.0)]
     assert names == ["siamese-exp1", "siamese-exp2", "siamese-exp3"]
 
@@ -131,6 +169,9 @@ def test_the_report_puts_ours_beside_the_seeds(reproduced):
     fc2 = json.loads((out / "classifier-b128" / "analysis" / "ovr-fc2.json").read_text())
     assert f"| fc2 features | 0.7685 | {fc2['results']['seed/linear-svm']['accuracy']:.4f} |" in md
     assert "the report gives no number for this run" in md  # batch 128, weight decay 0.005
+    siamese = [line for line in md.splitlines() if line.startswith("| Section 2.5")]
+    assert len(siamese) == 3 and all("not OvR but the same-class rule's accuracy on test tuples" in line
+                                     for line in siamese)
     transfer = [line for line in md.splitlines() if line.startswith("| Section 3.3")]
     assert len(transfer) == 5 and all("not run (left out by --only)" in line for line in transfer)
     assert "Every run was trained with settings changed from the report's: batch_size=16" in md

@@ -432,9 +432,12 @@ def reproduce_cmd(
                       device=device, transfer_backbone=transfer_backbone, backbone_weights=backbone_weights,
                       tsne_points=tsne_points, overrides=parse_settings(set_), progress=not quiet)
     failed = [name for name, r in state["runs"].items() if r["status"] == "failed"]
+    unanalysed = [name for name, r in state["runs"].items() if r.get("analysis")]
     print(f"done in {state['wall_seconds']:.1f} s: {state['report']['html']}  {state['report']['md']}")
-    if failed:
-        raise CifarlabError(f"{len(failed)} run(s) failed: {', '.join(failed)} (the report says why)")
+    problems = [f"{len(failed)} run(s) failed: {', '.join(failed)}"] * bool(failed) + \
+               [f"the analysis of {', '.join(unanalysed)} failed"] * bool(unanalysed)
+    if problems:
+        raise CifarlabError(f"{'; '.join(problems)} (the report says why)")
 
 
 @app.command("report")

@@ -20,6 +20,7 @@ class ClassIndex:
     def __init__(self, labels: torch.Tensor, num_classes: int = 10, name: str = "the pool"):
         self.labels = labels
         self.num_classes = num_classes
+        self.name = name
         order = torch.argsort(labels, stable=True)
         self.counts = torch.bincount(labels, minlength=num_classes)
         if int(self.counts.min()) < 2:
@@ -34,6 +35,17 @@ class ClassIndex:
         self.table[labels[order], rank] = order
         self.rank = torch.empty_like(labels)
         self.rank[order] = rank
+
+    def require_partners(self, n_same: int) -> None:
+        """Anchor batches pair one anchor with n_same distinct other images of its class, so every
+        class needs n_same + 1 images (with fewer the draw would take padding slots)."""
+        smallest = int(self.counts.min())
+        if smallest <= n_same:
+            raise CifarlabError(
+                f"{self.name} is too small for anchor batches: its smallest class (class {int(self.counts.argmin())}) "
+                f"has {smallest} images, and an anchor with {n_same} same-class partners needs {n_same + 1}; "
+                f"use a smaller batch size or fraction_same, or more data"
+            )
 
     def random_of_class(self, classes: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """One uniformly random image of each given class (with replacement)."""
@@ -100,6 +112,7 @@ def sample_pairs(sampler: str, index: ClassIndex, batch_size: int, fraction_same
 def fixed_tuples(index: ClassIndex, count: int, batch_size: int, fraction_same: float, seed: int):
     """The seed's create_dataset: `count` anchor-form batches drawn once with a fixed seed,
     stacked as (count, B) tensors, for a validation loss that is comparable across steps."""
+    index.require_partners(int(fraction_same * batch_size))
     gen = torch.Generator(device=index.labels.device).manual_seed(seed)
     batches = [anchor_pairs(index, batch_size, fraction_same, gen) for _ in range(count)]
     return tuple(torch.stack(parts) for parts in zip(*batches))

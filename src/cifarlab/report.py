@@ -144,8 +144,12 @@ class ReportData:
         return f"on {used} (the seed used {wanted})" if used and wanted and used != wanted else ""
 
 
-def _steps_note(summary: dict) -> str:
+def _steps_note(summary: dict, refine_after: int | None = None) -> str:
+    """'N steps' (or the step K refining began at: scaled with the steps, it says which K a run
+    had) and the best test accuracy."""
     note = f"{summary['steps']:,} steps"
+    if refine_after is not None and 0 <= refine_after < summary["steps"]:
+        note = f"refined from step {refine_after:,} of {summary['steps']:,}"
     if summary.get("best_test_accuracy") is not None:
         note += f"; best {summary['best_test_accuracy']:.4f} at step {summary['best_test_step']:,}"
     return note
@@ -161,7 +165,8 @@ def build_tables(data: ReportData) -> list[Table]:
         for p in sorted(presets, key=_preset_order):
             s = data.summary(p.name)
             ours = s.get("final_test_accuracy")
-            notes = [_steps_note(s) if s else data.why_missing(p.name), data.backbone_note(p.name)]
+            refine = data.config(p.name).get("refine_after") if p.study == "transfer" else None
+            notes = [_steps_note(s, refine_after=refine) if s else data.why_missing(p.name), data.backbone_note(p.name)]
             if p.seed_value is None:
                 notes.insert(0, "the report gives no number for this run")
             rows.append(Row(p.reproduces, p.seed_value, ours, "; ".join(n for n in notes if n)))
@@ -192,7 +197,10 @@ def build_tables(data: ReportData) -> list[Table]:
         s = data.summary(p.name)
         res = data.ovr(p.name, "embedding") if s else None
         if res:
-            note = f"{_steps_note(s)}; same-class rule accuracy on test tuples {s['final_test_accuracy']:.4f}"
+            note = f"{s['steps']:,} steps"
+            if s.get("best_test_accuracy") is not None:
+                note += (f"; not OvR but the same-class rule's accuracy on test tuples: {s['final_test_accuracy']:.4f}, "
+                         f"best {s['best_test_accuracy']:.4f} at step {s['best_test_step']:,}")
         else:
             note = data.why_no_ovr(p.name, "embedding")
         siamese_rows.append(Row(p.reproduces, p.seed_value, res["accuracy"] if res else None, note))

@@ -50,21 +50,24 @@ def parse_only(only: str | None) -> list[str]:
 
 def scaled_config(preset: Preset, scale: float, max_evals: int | None = None, **changes) -> Config:
     """The preset's config with its step counts (steps, eval and checkpoint intervals, the refine
-    step K) multiplied by `scale`; `max_evals` caps how many evaluations a run makes."""
+    step K) multiplied by `scale`, except those `changes` sets (--set steps=N trains N steps);
+    `max_evals` caps how many evaluations a run makes."""
     cfg = preset.config(**changes)
     if scale == 1 and not max_evals:
         return cfg
 
-    def scaled(n: int) -> int:
-        return max(1, round(n * scale))
+    def scaled(key: str) -> int:
+        """A step count of the preset times the scale; one set explicitly (--set steps=N) as given."""
+        n = getattr(cfg, key)
+        return n if key in changes or (key == "refine_after" and n <= 0) else max(1, round(n * scale))
 
-    steps = scaled(cfg.steps)
-    eval_every = scaled(cfg.eval_every)
+    steps = scaled("steps")
+    eval_every = scaled("eval_every")
     if max_evals:
         eval_every = max(eval_every, math.ceil(steps / max_evals))
-    refine_after = cfg.refine_after if cfg.refine_after <= 0 else scaled(cfg.refine_after)
+    refine_after = scaled("refine_after")
     return cfg.replace(steps=steps, eval_every=min(eval_every, steps),
-                       checkpoint_every=min(scaled(cfg.checkpoint_every), steps), refine_after=refine_after)
+                       checkpoint_every=min(scaled("checkpoint_every"), steps), refine_after=refine_after)
 
 
 def plan(out: Path, only: list[str], scale: float, max_evals: int | None = None, data: str = "",
@@ -409,6 +412,8 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
         raise CifarlabError(f"--jobs must be >= 1 (got {jobs})")
     if max_evals is not None and max_evals < 1:
         raise CifarlabError(f"--max-evals must be >= 1 (got {max_evals})")
+    if tsne_points < 2:
+        raise CifarlabError(f"--tsne-points must be at least 2 (got {tsne_points})")
     out = Path(out)
     check_report_files(out)  # before hours of training, not after
     groups = parse_only(only)

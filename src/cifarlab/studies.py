@@ -182,12 +182,11 @@ class SiameseTask:
         self.splits = device_splits(cfg, data, device, fmt)
         self.model = siamese_branch(cfg.dropout, cfg.init).to(device, memory_format=fmt)
         self.pool = ClassIndex(self.splits["train"].y, len(data.classes), "the training pool")
-        n_same = int(cfg.fraction_same * cfg.batch_size)
-        if int(self.pool.counts.min()) <= n_same or cfg.batch_size > len(self.splits["train"]):
-            raise CifarlabError(
-                f"the training pool ({len(self.splits['train'])} images) is too small for batches of "
-                f"{cfg.batch_size} with {n_same} same-class partners; lower --batch-size"
-            )
+        if cfg.sampler == "anchor":
+            self.pool.require_partners(int(cfg.fraction_same * cfg.batch_size))
+        if cfg.batch_size > len(self.splits["train"]):
+            raise CifarlabError(f"the training pool ({len(self.splits['train'])} images) is smaller than a batch of "
+                                f"{cfg.batch_size} distinct anchors; use a smaller batch size, or more data")
         self.eval_tuples = {
             split: fixed_tuples(ClassIndex(self.splits[split].y, len(data.classes), f"the {split} split"), cfg.val_tuples,
                                 cfg.batch_size, cfg.fraction_same, seed=cfg.seed + offset)
