@@ -135,9 +135,12 @@ def test_a_run_resumed_past_k_still_says_it_trained_on_cached_features(tmp_path,
     cfg = transfer_cfg(refine_after=8)  # 8 frozen steps and one evaluation: the cache pays
     part, first = train(cfg.replace(steps=9), out=str(tmp_path / "run"), progress=False, data=data)
     assert first["feature_cache"] and first["feature_cache_seconds"] > 0
+    # the cache pass is wall time but not training time
+    assert first["wall_seconds"] >= first["train_seconds"] + first["feature_cache_seconds"] - 2e-3
     _, summary = train(cfg, resume=part.path, overrides={"steps": 10}, progress=False, data=data)
     assert summary["feature_cache"]  # built by the first process; this one started past K
     assert summary["feature_cache_seconds"] == pytest.approx(first["feature_cache_seconds"], abs=1e-3)
+    assert summary["wall_seconds"] >= summary["train_seconds"] + summary["feature_cache_seconds"] - 2e-3
 
 
 def test_features_offer_pool5_and_the_head(data):

@@ -333,8 +333,9 @@ class Trainer:
         self.runner = StepRunner(task, self.optimizer, self.autocast, self._use_graph(), self.group)
         self.step = 0
         self.writer = None
-        # cumulative over resumes: all time in fit(), and the part spent evaluating/logging
-        self.clock = {"wall": 0.0, "eval": 0.0}
+        # cumulative over resumes: time in fit()'s loop, the part of it spent evaluating/logging,
+        # and one-off work before the loop (the transfer study's feature cache): wall time, not training
+        self.clock = {"wall": 0.0, "eval": 0.0, "prepare": 0.0}
         self._started = time.perf_counter()
 
     def _sync_phase(self) -> None:
@@ -362,7 +363,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "accumulators": self.runner.state_dict(),
             "rng_cpu": rng["cpu"],
-            "clock": {"wall": self._wall(), "eval": self.clock["eval"]},
+            "clock": {"wall": self._wall(), "eval": self.clock["eval"], "prepare": self.clock["prepare"]},
         }
         if "cuda" in rng:
             state["rng_cuda"] = rng["cuda"]
@@ -400,7 +401,7 @@ class Trainer:
             set_rng_state(ranks[self.group.rank], self.device)
         elif self.group.is_main:
             set_rng_state({"cpu": state["rng_cpu"], "cuda": state.get("rng_cuda")}, self.device)
-        self.clock = {k: float(v) for k, v in state["clock"].items()}
+        self.clock = {"prepare": 0.0, **{k: float(v) for k, v in state["clock"].items()}}
         if "task" in state and hasattr(self.task, "load_resume_state"):
             self.task.load_resume_state(state["task"])
         if self.group.is_main:
@@ -452,9 +453,11 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         # before the clock and the Ctrl-C flag: a one-off pass such as the transfer study's
-        # feature cache is not training time, and Ctrl-C stops it at once
+        # feature cache is not training time (but wall time), and Ctrl-C stops it at once
+        prepare_start = time.perf_counter()
         self._sync_phase()
         self._started = time.perf_counter()
+        self.clock["prepare"] += self._started - prepare_start
         bar = _progress(cfg.steps, self.step, self.progress, self.run.name)
         last = {}
         tick_at = time.perf_counter()
@@ -498,7 +501,8 @@ class Trainer:
                 extra["cuda_graph_failure"] = self.runner.graph_failure
         if self.group.distributed:
             extra = {**extra, "processes": self.group.world_size}
-        return self.run.write_summary(self.cfg, wall, wall - self.clock["eval"], self.device, extra)
+        return self.run.write_summary(self.cfg, wall + self.clock["prepare"], wall - self.clock["eval"], self.device,
+                                      extra)
 
 
 def _postfix(results: dict[str, tuple[float, float]]) -> dict[str, str]:
