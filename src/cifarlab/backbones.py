@@ -327,7 +327,8 @@ def download_vgg16(dest_dir: str | os.PathLike | None = None, *, progress: bool 
 def _put_it_there(folder: Path) -> str:
     return (
         f"download {VGG16_URL} yourself into {folder} (or torch hub's "
-        f"{Path(torch.hub.get_dir()) / 'checkpoints'}), or set the backbone weights to the file's path"
+        f"{Path(torch.hub.get_dir()) / 'checkpoints'}), or give the file's path as --backbone-weights FILE "
+        "(in reproduce too; or reproduce with --transfer-backbone efficientnet-lite0, whose weights ship in cifarlab[lite0])"
     )
 
 
