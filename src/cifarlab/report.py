@@ -199,7 +199,7 @@ def build_tables(data: ReportData) -> list[Table]:
         if res:
             note = f"{s['steps']:,} steps"
             if s.get("best_test_accuracy") is not None:
-                note += (f"; not OvR but the same-class rule's accuracy on test tuples: {s['final_test_accuracy']:.4f}, "
+                note += (f"; same-class rule on test tuples (a pair accuracy, not OvR): {s['final_test_accuracy']:.4f}, "
                          f"best {s['best_test_accuracy']:.4f} at step {s['best_test_step']:,}")
         else:
             note = data.why_no_ovr(p.name, "embedding")
