@@ -88,10 +88,13 @@ def test_features_of_other_data_are_extracted_anew(run_copy):
     path, data = run_copy
     npz = path / "features" / "test-step-4.npz"
     A.load_features(path, "fc2", data=data, progress=False)
-    assert A.read_meta(npz)["data"] == str(data.source)
+    assert A.read_meta(npz)["data"] == str(data.source.resolve())
+    stamp = npz.stat().st_mtime_ns
+    A.load_features(path, "fc2", data=data.source, progress=False)  # the same data, named by its folder
+    assert npz.stat().st_mtime_ns == stamp, "features of the same data were extracted again"
     other = dataclasses.replace(data, source=data.source.parent / "other", test_images=data.test_images[:, ::-1].copy())
     feats = A.load_features(path, "fc2", data=other, progress=False)
-    assert A.read_meta(npz)["data"] == str(other.source)
+    assert A.read_meta(npz)["data"] == str(other.source.resolve())
     direct = A.load_features(path, "fc2", data=data, progress=False)  # and back: extracted again
     assert not np.array_equal(feats.layers["fc2"], direct.layers["fc2"])
 

@@ -50,10 +50,13 @@ def test_scaling_multiplies_every_step_count():
     assert scaled_config(load_preset("transfer-refine"), 0.02).refine_after == 0  # from the start stays
     assert scaled_config(load_preset("siamese-exp1"), 0.02, max_evals=5).eval_every == 200  # 1,000 steps / 5
     assert scaled_config(load_preset("classifier-b64"), 1.0) == load_preset("classifier-b64").config()
-    # a step count set explicitly (--set steps=N) is trained as given, the others still scale
-    cfg = scaled_config(load_preset("classifier-b128"), 0.02, steps=50)
-    assert (cfg.steps, cfg.eval_every, cfg.checkpoint_every) == (50, 20, 50)
+    # a step count set explicitly (--set steps=N) is trained as given; the others follow the steps
+    cfg = scaled_config(load_preset("classifier-b128"), 0.02, steps=3000)
+    assert (cfg.steps, cfg.eval_every, cfg.checkpoint_every) == (3000, 200, 1000)  # x0.2, not x0.02
+    refine = scaled_config(load_preset("transfer-refine-1000"), 0.02, steps=2000)
+    assert (refine.steps, refine.refine_after) == (2000, 200)  # a tenth of the run, as the preset's
     assert scaled_config(load_preset("transfer-refine-1000"), 0.02, refine_after=7).refine_after == 7
+    assert scaled_config(load_preset("classifier-b128"), 0.02, max_evals=2, eval_every=10).eval_every == 10
 
 
 def test_tsne_points_are_checked_before_anything_trains(tmp_path):
@@ -77,6 +80,12 @@ def test_a_failed_analysis_makes_reproduce_exit_non_zero(tmp_path, monkeypatch):
                   "--only", "study1", "--quiet")
     assert res.returncode == 2 and res.stderr.strip() == \
         "error: the analysis of classifier-b128 failed (the report says why)"
+    # a later call of other studies is judged by its own runs, not by the record kept from this one
+    monkeypatch.setattr(rep, "execute", lambda *a, **k: {"siamese-exp1": {"status": "finished", "note": "trained"}})
+    monkeypatch.setattr(rep, "analyse", lambda *a, **k: None)
+    res = run_cli("reproduce", "--data", tmp_path / "data", "--out", tmp_path / "out", "--only", "study2", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "out" / "reproduce.json").read_text())["runs"]["classifier-b128"]["analysis"]
 
 
 def test_report_notes_say_which_refine_step_and_which_metric():
@@ -92,11 +101,10 @@ def test_runs_at_once_are_handed_out_longest_first(tmp_path):
 
     runs = plan(tmp_path, ["study1", "study2", "study3"], 1.0)
     order = [r.name for r in sorted(runs, key=lambda r: -estimated_cost(r.config))]
-    assert order[0] == "siamese-exp3"  # 50,000 steps of 2 x 128 images (random pairs)
-    # 50,000 steps of 129 images (anchor batches embed their anchor once), about as costly as
-    # 10,000 steps through the backbone
-    assert sorted(order[1:7]) == ["siamese-exp1", "siamese-exp2", "transfer-refine", "transfer-refine-100",
-                                  "transfer-refine-1000", "transfer-refine-2500"]
+    # 50,000 steps of 2 x 128 images (random pairs), then of 129 (anchor batches embed their anchor
+    # once: 6.45M), then the runs refining through the backbone (10,000 x 128 x 5 = 6.4M, and less)
+    assert order[:7] == ["siamese-exp3", "siamese-exp1", "siamese-exp2", "transfer-refine", "transfer-refine-100",
+                         "transfer-refine-1000", "transfer-refine-2500"]
     assert order[7:11] == sorted(n for n in order if n.startswith("classifier-b128"))
     assert order[11:16] == sorted(n for n in order if n.startswith("classifier-b64"))
     assert order[-1] == "transfer-features"  # the head alone on cached features

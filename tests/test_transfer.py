@@ -1,5 +1,7 @@
 """Study 3: the frozen-then-refined backbone under the ConvNet head (random Lite0 keeps it fast)."""
 
+import time
+
 import pytest
 import torch
 
@@ -140,6 +142,21 @@ def test_a_run_resumed_past_k_still_says_it_trained_on_cached_features(tmp_path,
     _, summary = train(cfg, resume=part.path, overrides={"steps": 10}, progress=False, data=data)
     assert summary["feature_cache"]  # built by the first process; this one started past K
     assert summary["feature_cache_seconds"] == pytest.approx(first["feature_cache_seconds"], abs=1e-3)
+    assert summary["wall_seconds"] >= summary["train_seconds"] + summary["feature_cache_seconds"] - 2e-3
+
+
+def test_a_cache_built_again_on_resume_counts_as_wall_time(tmp_path, data, monkeypatch):
+    part, first = train(transfer_cfg(steps=6), out=str(tmp_path / "run"), progress=False, data=data)
+    build = TransferTask._cache_features
+
+    def slow(self):
+        build(self)
+        time.sleep(0.5)
+        self.cache_seconds += 0.5  # the task times its own pass; here the sleep is part of it
+
+    monkeypatch.setattr(TransferTask, "_cache_features", slow)
+    _, summary = train(transfer_cfg(), resume=part.path, overrides={"steps": 12}, progress=False, data=data)
+    assert summary["feature_cache_seconds"] >= first["feature_cache_seconds"] + 0.5  # built again: still frozen
     assert summary["wall_seconds"] >= summary["train_seconds"] + summary["feature_cache_seconds"] - 2e-3
 
 

@@ -116,13 +116,16 @@ def features_path(run: RunDir, split: str, step: int) -> Path:
 
 
 def data_key(cfg, data) -> str:
-    """Where the images features are computed on come from: a `Cifar10`'s source, else the data
-    folder that loading would use (`data`, the run's own, $CIFARLAB_DATA or the default)."""
-    from cifarlab.data import resolve_data_dir
+    """Where the images features are computed on come from: a `Cifar10`'s source, else the source
+    that loading would find (under `data`, the run's own folder, $CIFARLAB_DATA or the default),
+    so that the two name the same data alike."""
+    from cifarlab.data import find_layout, resolve_data_dir
 
     if data is not None and not isinstance(data, (str, os.PathLike)):
-        return str(data.source)
-    return str(resolve_data_dir(data or cfg.data or None).resolve())
+        return str(Path(data.source).resolve())
+    root = resolve_data_dir(data or cfg.data or None)
+    found = find_layout(root) if root.exists() else None
+    return str((found[1] if found else root).resolve())
 
 
 def tsne_path(run_path: Path, layer: str) -> Path:
@@ -202,6 +205,7 @@ def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str
     }
     labels = images.y.cpu().numpy().astype(np.int64)
     path = features_path(run, split, step)
+    (path.parent / f"{split}.npz").unlink(missing_ok=True)  # the one file per split of earlier versions
     write_with(path, lambda tmp: np.savez(tmp, labels=labels, meta=np.array(json.dumps(meta)), **arrays))
     return path
 

@@ -431,8 +431,7 @@ def reproduce_cmd(
     state = reproduce(out, data=data, only=only, steps_scale=steps_scale, jobs=jobs, max_evals=max_evals,
                       device=device, transfer_backbone=transfer_backbone, backbone_weights=backbone_weights,
                       tsne_points=tsne_points, overrides=parse_settings(set_), progress=not quiet)
-    failed = [name for name, r in state["runs"].items() if r["status"] == "failed"]
-    unanalysed = [name for name, r in state["runs"].items() if r.get("analysis")]
+    failed, unanalysed = state["failed"], state["unanalysed"]
     print(f"done in {state['wall_seconds']:.1f} s: {state['report']['html']}  {state['report']['md']}")
     problems = [f"{len(failed)} run(s) failed: {', '.join(failed)}"] * bool(failed) + \
                [f"the analysis of {', '.join(unanalysed)} failed"] * bool(unanalysed)

@@ -165,6 +165,19 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise CifarlabError(f"{path}: not valid TOML ({err}); fix or remove the file") from None
 
 
+def embeds_anchor_once(cfg: Config) -> bool:
+    """Whether a Siamese step embeds its anchor once (studies.SiameseTask.embed_pairs): anchor
+    batches without dropout."""
+    return cfg.study == "siamese" and cfg.sampler == "anchor" and cfg.dropout == 0
+
+
+def images_per_step(cfg: Config) -> int:
+    """Images one training step of a ConvNet or Siamese run sends through the network."""
+    if cfg.study != "siamese":
+        return cfg.batch_size
+    return cfg.batch_size + 1 if embeds_anchor_once(cfg) else 2 * cfg.batch_size
+
+
 def parse_settings(items: list[str] | None) -> dict[str, Any]:
     """`KEY=VALUE` pairs (TOML values; a bare word is a string) as Config settings, checked."""
     values: dict[str, Any] = {}

@@ -172,8 +172,6 @@ def _locate(
         archive = download_cifar10(root, url=CIFAR10_URL, expected_md5=expected_md5, progress=progress)
         return "tar.gz", archive, "md5 ok (downloaded)" if expected_md5 else "not checked (no md5 given)"
     layout, source = found
-    if layout == "tar.gz" and source.name != ARCHIVE_NAME:
-        return layout, source, _check_named_file(source, expected_md5)
     if layout == "tar.gz":
         return layout, source, _check_archive(source, expected_md5)
     return layout, source, CHECKSUM_FOLDERS if layout == "image-folder" else CHECKSUM_PICKLES
@@ -199,30 +197,26 @@ def _md5_file(path: Path) -> str:
 
 
 def _check_archive(archive: Path, expected_md5: str | None) -> str:
-    """Refuse a damaged or foreign archive before unpickling anything from it; never delete it."""
+    """Refuse a damaged or foreign archive before unpickling anything from it; never delete it.
+
+    A file of another name than the archive's that --data named is read if it is a renamed
+    official archive (its md5 matches); any other such file is the wrong one, not the user's to delete.
+    """
     if not expected_md5:
         return "not checked (no md5 given)"
     actual = _md5_file(archive)
-    if actual != expected_md5.lower():
+    if actual == expected_md5.lower():
+        return "md5 ok"
+    if archive.name != ARCHIVE_NAME:
         raise DataError(
-            f"{archive}: md5 is {actual}, expected {expected_md5}; the archive is corrupt or not "
-            "the official one (it was left in place): delete it and run again to re-download"
-        )
-    return "md5 ok"
-
-
-def _check_named_file(path: Path, expected_md5: str | None) -> str:
-    """--data named a file with another name than the archive's: a renamed official archive (its
-    md5 matches) is read; any other file is the wrong one, and is not the user's to delete."""
-    if not expected_md5:
-        return "not checked (no md5 given)"
-    if _md5_file(path) != expected_md5.lower():
-        raise DataError(
-            f"{path}: --data (or CIFARLAB_DATA) points at a file that is not the CIFAR-10 archive "
+            f"{archive}: --data (or CIFARLAB_DATA) points at a file that is not the CIFAR-10 archive "
             f"{ARCHIVE_NAME}; point it at that archive, at an extracted {BATCHES_DIR}/ folder, at a "
             "folder of train/<class>/ + test/<class>/ images, or at a folder holding one of them"
         )
-    return "md5 ok"
+    raise DataError(
+        f"{archive}: md5 is {actual}, expected {expected_md5}; the archive is corrupt or not "
+        "the official one (it was left in place): delete it and run again to re-download"
+    )
 
 
 def download_cifar10(

@@ -393,7 +393,9 @@ class Trainer:
         last = self.run.checkpoints / "last.pt"
         load_state(self.model, state["model"], last, "it belongs to another run: train this one anew")
         self.step = int(state["step"])
-        self._sync_phase()  # the optimizer must have the groups it had when saved
+        prepare_start = time.perf_counter()
+        self._sync_phase()  # the optimizer must have the groups it had when saved (and a cache may be built)
+        prepared = time.perf_counter() - prepare_start
         load_state(self.optimizer, state["optimizer"], last, "it belongs to another run: train this one anew")
         self.runner.load_state_dict(state["accumulators"])
         ranks = state.get("rng_ranks", [])
@@ -402,6 +404,7 @@ class Trainer:
         elif self.group.is_main:
             set_rng_state({"cpu": state["rng_cpu"], "cuda": state.get("rng_cuda")}, self.device)
         self.clock = {"prepare": 0.0, **{k: float(v) for k, v in state["clock"].items()}}
+        self.clock["prepare"] += prepared
         if "task" in state and hasattr(self.task, "load_resume_state"):
             self.task.load_resume_state(state["task"])
         if self.group.is_main:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cifarlab import CifarlabError, __version__
-from cifarlab.config import NOT_IDENTITY, WHERE_AND_HOW, Config, load_config
+from cifarlab.config import NOT_IDENTITY, WHERE_AND_HOW, Config, images_per_step, load_config
 from cifarlab.fileio import read_json, write_json
 from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
 
@@ -50,24 +50,26 @@ def parse_only(only: str | None) -> list[str]:
 
 def scaled_config(preset: Preset, scale: float, max_evals: int | None = None, **changes) -> Config:
     """The preset's config with its step counts (steps, eval and checkpoint intervals, the refine
-    step K) multiplied by `scale`, except those `changes` sets (--set steps=N trains N steps);
-    `max_evals` caps how many evaluations a run makes."""
+    step K) multiplied by `scale`; `max_evals` caps how many evaluations a run makes.
+
+    A step count that `changes` sets (--set steps=N) is taken as given; when it is `steps`, the
+    other counts follow it in the preset's proportions (K of transfer-refine-1000 stays at a tenth
+    of the run), whatever `scale` says."""
     cfg = preset.config(**changes)
-    if scale == 1 and not max_evals:
+    factor = cfg.steps / preset.config().steps if "steps" in changes else scale
+    if factor == 1 and not max_evals:
         return cfg
 
     def scaled(key: str) -> int:
-        """A step count of the preset times the scale; one set explicitly (--set steps=N) as given."""
         n = getattr(cfg, key)
-        return n if key in changes or (key == "refine_after" and n <= 0) else max(1, round(n * scale))
+        return n if key in changes or (key == "refine_after" and n <= 0) else max(1, round(n * factor))
 
     steps = scaled("steps")
     eval_every = scaled("eval_every")
-    if max_evals:
+    if max_evals and "eval_every" not in changes:
         eval_every = max(eval_every, math.ceil(steps / max_evals))
-    refine_after = scaled("refine_after")
     return cfg.replace(steps=steps, eval_every=min(eval_every, steps),
-                       checkpoint_every=min(scaled("checkpoint_every"), steps), refine_after=refine_after)
+                       checkpoint_every=min(scaled("checkpoint_every"), steps), refine_after=scaled("refine_after"))
 
 
 def plan(out: Path, only: list[str], scale: float, max_evals: int | None = None, data: str = "",
@@ -253,8 +255,6 @@ BACKBONE_STEP_COST = 5.0
 def estimated_cost(cfg: Config) -> float:
     """A rough relative training cost of a run (images through the network, weighted), by which
     runs at once are handed out longest first, so that no long run starts last."""
-    from cifarlab.studies import images_per_step
-
     if cfg.study != "transfer":
         return float(cfg.steps * images_per_step(cfg))
     refining = cfg.steps - cfg.refine_after if 0 <= cfg.refine_after < cfg.steps else 0
@@ -404,7 +404,8 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
               transfer_backbone: str | None = None, backbone_weights: str | None = None,
               tsne_points: int = 10000, overrides: dict | None = None, progress: bool = True,
               log=print) -> dict:
-    """Train, analyse, report. Returns the state written to DIR/reproduce.json."""
+    """Train, analyse, report. Returns the state written to DIR/reproduce.json, plus where the report
+    went and which of this call's runs failed or could not be analysed."""
     from cifarlab.data import load_cifar10
     from cifarlab.report import check_report_files, write_report
 
@@ -442,4 +443,7 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     write_json(state_path, state)
     html, md = write_report(out)
     state["report"] = {"html": str(html), "md": str(md)}
+    # what went wrong in this call (state["runs"] also keeps records of earlier calls' runs)
+    state["failed"] = [name for name, r in records.items() if r["status"] == "failed"]
+    state["unanalysed"] = [name for name, r in records.items() if r.get("analysis")]
     return state

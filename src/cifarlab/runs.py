@@ -84,9 +84,9 @@ def load_state(target, state: dict, path: Path, what_to_do: str) -> None:
             target.load_state_dict(state)
             return
         result = target.load_state_dict(state, strict=False)
-    except (RuntimeError, KeyError, ValueError) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        refuse(next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")[:200])
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:  # TypeError: not a dict at all
+        mismatch = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        refuse(mismatch[0][:200] if mismatch else _first_line(err))
     problems = [f"{len(keys)} {what} entries, e.g. {keys[0]!r}" for what, keys in
                 (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
     if problems:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab import CifarlabError
-from cifarlab.config import Config
+from cifarlab.config import Config, embeds_anchor_once
 from cifarlab.data import Cifar10, holdout_split, load_cifar10, mean_image
 from cifarlab.losses import classifier_loss, contrastive_loss, same_class_threshold
 from cifarlab.backbones import build_backbone
@@ -153,19 +153,6 @@ def embed(model, images: DeviceImages, autocast, progress: bool = False, desc: s
     return torch.cat(parts)
 
 
-def embeds_anchor_once(cfg: Config) -> bool:
-    """Whether a Siamese step embeds its anchor once (SiameseTask.embed_pairs): anchor batches
-    without dropout."""
-    return cfg.study == "siamese" and cfg.sampler == "anchor" and cfg.dropout == 0
-
-
-def images_per_step(cfg: Config) -> int:
-    """Images one training step of a ConvNet or Siamese run sends through the network."""
-    if cfg.study != "siamese":
-        return cfg.batch_size
-    return cfg.batch_size + 1 if embeds_anchor_once(cfg) else 2 * cfg.batch_size
-
-
 class SiameseTask:
     """Study 2: one branch network embeds both images of a pair; a contrastive loss on their distance.
 
@@ -184,7 +171,7 @@ class SiameseTask:
         self.pool = ClassIndex(self.splits["train"].y, len(data.classes), "the training pool")
         if cfg.sampler == "anchor":
             self.pool.require_partners(int(cfg.fraction_same * cfg.batch_size))
-        if cfg.batch_size > len(self.splits["train"]):
+        if cfg.sampler == "random" and cfg.batch_size > len(self.splits["train"]):
             raise CifarlabError(f"the training pool ({len(self.splits['train'])} images) is smaller than a batch of "
                                 f"{cfg.batch_size} distinct anchors; use a smaller batch size, or more data")
         self.eval_tuples = {
