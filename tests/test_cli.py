@@ -237,6 +237,8 @@ def test_checkpoints_of_another_network_or_damaged_give_one_line(trained, tmp_pa
     assert "weights_only" not in res.stderr and "arbitrary code" not in res.stderr
     torch.save({"step": 3}, last)
     one_error_line(run_cli(*resume), "last.pt: not a cifarlab training state (no 'model')")
+    torch.save(dict.fromkeys(("model", "optimizer", "accumulators", "rng_cpu", "clock"), 5) | {"step": 3}, last)
+    one_error_line(run_cli(*resume), "last.pt: does not fit this run's network (")
 
 
 def test_output_paths_that_cannot_be_written_give_one_line(trained, tmp_path):
