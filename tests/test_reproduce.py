@@ -183,6 +183,10 @@ def test_the_report_puts_ours_beside_the_seeds(reproduced):
     transfer = [line for line in md.splitlines() if line.startswith("| Section 3.3")]
     assert len(transfer) == 5 and all("not run (left out by --only)" in line for line in transfer)
     assert "Every run was trained with settings changed from the report's: batch_size=16" in md
+    # and the rows say it: batch 128 and batch 64 were the same batch size here
+    assert "run with batch_size 16 (the preset's 128)" in md and "run with batch_size 16 (the preset's 64)" in md
+    tables = md.split("## Figures")[0].split("## Study 1")[1]  # the tables, after the banners
+    assert "val_tuples 10 (the preset's 500)" in tables and "tensorboard" not in tables
     for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11):
         assert f"![Figure {n}](figures/figure-{n}.png)" in md and (out / "figures" / f"figure-{n}.png").is_file()
     html = (out / "report.html").read_text()

@@ -27,6 +27,8 @@ READ_BY = {
 # resuming call's. With `steps` and `distributed`, they may differ without making it another run.
 WHERE_AND_HOW = ("data", "device", "tensorboard", "cuda_graph")
 NOT_IDENTITY = frozenset({"steps", "distributed", *WHERE_AND_HOW})
+# Settings that say where or how a run ran, not what it trained: left out when runs are compared.
+NOT_COMPARED = frozenset({"distributed", "memory_format", "feature_cache", *WHERE_AND_HOW})
 # Where a study's defaults differ from the classifier's (the report's step counts).
 STUDY_DEFAULTS = {"siamese": {"steps": 50000, "val_fraction": 0.2}, "transfer": {"steps": 10000}}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarlab import CifarlabError, __version__
+from cifarlab.config import NOT_COMPARED
 from cifarlab.fileio import read_json, write_text
 from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
 from cifarlab.reproduce import GROUPS
@@ -138,10 +139,23 @@ class ReportData:
         # the scale furthest from 1 speaks for the study, so one full run cannot hide quick ones
         return {study: max(values, key=lambda v: abs(v[0] - 1)) for study, values in found.items()}
 
+    def override_note(self, name: str) -> str:
+        """What this preset's run was trained with other than the preset says (reproduce --set):
+        the runs of an ablation may then be one and the same run, which the row should say."""
+        cfg, preset = self.config(name), self.presets[name].config().to_dict()
+        changed = [f"{key} {cfg[key]!r} (the preset's {value!r})" for key, value in preset.items()
+                   if key not in _SAID_ELSEWHERE and key in cfg and cfg[key] != value]
+        return f"run with {', '.join(changed)}" if changed else ""
+
     def backbone_note(self, name: str) -> str:
         used = self.config(name).get("backbone")
         wanted = self.presets[name].settings.get("backbone")
         return f"on {used} (the seed used {wanted})" if used and wanted and used != wanted else ""
+
+
+# Settings a row's override note leaves out: where and how a run ran, and what other notes say
+# (the step counts: the scale banner and the K of the note; the backbone: backbone_note).
+_SAID_ELSEWHERE = {*NOT_COMPARED, "study", "steps", "eval_every", "checkpoint_every", "refine_after", "backbone"}
 
 
 def _steps_note(summary: dict, refine_after: int | None = None) -> str:
@@ -166,7 +180,8 @@ def build_tables(data: ReportData) -> list[Table]:
             s = data.summary(p.name)
             ours = s.get("final_test_accuracy")
             refine = data.config(p.name).get("refine_after") if p.study == "transfer" else None
-            notes = [_steps_note(s, refine_after=refine) if s else data.why_missing(p.name), data.backbone_note(p.name)]
+            notes = [_steps_note(s, refine_after=refine) if s else data.why_missing(p.name), data.backbone_note(p.name),
+                     data.override_note(p.name)]
             if p.seed_value is None:
                 notes.insert(0, "the report gives no number for this run")
             rows.append(Row(p.reproduces, p.seed_value, ours, "; ".join(n for n in notes if n)))
@@ -203,6 +218,7 @@ def build_tables(data: ReportData) -> list[Table]:
                          f"best {s['best_test_accuracy']:.4f} at step {s['best_test_step']:,}")
         else:
             note = data.why_no_ovr(p.name, "embedding")
+        note = "; ".join(n for n in (note, data.override_note(p.name)) if n)
         siamese_rows.append(Row(p.reproduces, p.seed_value, res["accuracy"] if res else None, note))
     tables.append(Table("Section 2.5: one-vs-rest on the Siamese embedding",
                         "The 192-d L2-normalised embedding of the test set, the seed's protocol as above.",

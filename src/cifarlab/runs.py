@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cifarlab import CifarlabError, __version__
-from cifarlab.config import READ_BY, STUDIES, Config, load_config, to_toml
+from cifarlab.config import NOT_COMPARED, READ_BY, STUDIES, Config, load_config, to_toml
 from cifarlab.fileio import read_json, write_json, write_text, write_with
 
 METRIC_FIELDS = ("step", "split", "loss", "accuracy", "seconds")
@@ -285,8 +285,6 @@ def device_name(device: torch.device) -> str:
 
 
 # -- comparing runs ----------------------------------------------------------------------------
-# Settings that say where or how a run ran, not what it trained: left out of a comparison.
-_NOT_COMPARED = {"data", "device", "tensorboard", "cuda_graph", "memory_format", "distributed", "feature_cache"}
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -316,7 +314,7 @@ def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
     # a setting a run's study does not read is None for it, and does not count as a difference
     configs = [{key: (value if cfg["study"] in READ_BY.get(key, STUDIES) else None) for key, value in cfg.items()}
                for cfg in (run.config().to_dict() for run in runs)]
-    differing = [key for key in configs[0] if key not in _NOT_COMPARED
+    differing = [key for key in configs[0] if key not in NOT_COMPARED
                  and len({repr(c[key]) for c in configs if c[key] is not None}) > 1]
     rows = []
     for run, cfg in zip(runs, configs):
