@@ -124,9 +124,13 @@ def test_only_and_set_are_checked(tmp_path):
         parse_settings(["batch_size"])
     with pytest.raises(CifarlabError, match="torchrun"):
         parse_settings(["distributed=true"])
-    for key, flag in (("data", "--data"), ("device", "--device"), ("backbone", "--transfer-backbone")):
+    assert parse_settings(["backbone=efficientnet-lite0"]) == {"backbone": "efficientnet-lite0"}  # benchmarks'
+    for setting, flag in (("data=x", "--data"), ("device=cpu", "--device"), ("backbone=vgg16", "--transfer-backbone"),
+                          ("backbone_weights=none", "--backbone-weights")):
+        key = setting.split("=")[0]
         with pytest.raises(CifarlabError, match=f"--set {key}=... is not how reproduce takes it: use {flag}"):
-            parse_settings([f"{key}=x"])
+            reproduce(tmp_path / "out", **{**QUICK, "overrides": parse_settings([setting])})
+    assert not (tmp_path / "out").exists()
     names = [r.name for r in plan(tmp_path, ["study2"], 1.0)]
     assert names == ["siamese-exp1", "siamese-exp2", "siamese-exp3"]
 

@@ -196,10 +196,6 @@ def parse_settings(items: list[str] | None) -> dict[str, Any]:
         raise CifarlabError("--set cannot change a run's study; choose studies with --only")
     if "distributed" in values:
         raise CifarlabError("--set cannot make runs distributed: start one run with torchrun ... --distributed")
-    for key in ("data", "device", "backbone", "backbone_weights"):
-        if key in values:
-            flag = "--transfer-backbone" if key == "backbone" else "--" + key.replace("_", "-")
-            raise CifarlabError(f"--set {key}=... is not how reproduce takes it: use {flag}")
     Config.from_dict({**Config().to_dict(), **values}, source="--set")
     return values
 

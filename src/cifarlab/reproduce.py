@@ -411,6 +411,10 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
 
     if jobs < 1:
         raise CifarlabError(f"--jobs must be >= 1 (got {jobs})")
+    for key in ("data", "device", "backbone", "backbone_weights"):  # given by flags of their own
+        if key in (overrides or {}):
+            flag = "--transfer-backbone" if key == "backbone" else "--" + key.replace("_", "-")
+            raise CifarlabError(f"--set {key}=... is not how reproduce takes it: use {flag}")
     if max_evals is not None and max_evals < 1:
         raise CifarlabError(f"--max-evals must be >= 1 (got {max_evals})")
     if tsne_points < 2:
