@@ -167,6 +167,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise CifarlabError(f"{path}: not valid TOML ({err}); fix or remove the file") from None
 
 
+def identity_differences(a: Config, b: Config) -> list[str]:
+    """The settings in which two configs are different runs (not where or how they run, nor how long)."""
+    return [f.name for f in fields(Config) if f.name not in NOT_IDENTITY and getattr(a, f.name) != getattr(b, f.name)]
+
+
 def embeds_anchor_once(cfg: Config) -> bool:
     """Whether a Siamese step embeds its anchor once (studies.SiameseTask.embed_pairs): anchor
     batches without dropout."""

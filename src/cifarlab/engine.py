@@ -349,6 +349,12 @@ class Trainer:
             self.runner.forward = None  # DDP fixes its parameters when built: drop it, wrap anew
             self.runner.forward = self.group.wrap(self.task)
 
+    def _prepare(self) -> None:
+        """_sync_phase before the loop (at the start of fit, or of a resume), timed as one-off work."""
+        start = time.perf_counter()
+        self._sync_phase()
+        self.clock["prepare"] += time.perf_counter() - start
+
     def _use_graph(self) -> bool:
         # Not under --distributed: DDP's all-reduce hooks in backward are not captured here.
         return self.cfg.cuda_graph and self.device.type == "cuda" and not self.group.distributed
@@ -393,9 +399,8 @@ class Trainer:
         last = self.run.checkpoints / "last.pt"
         load_state(self.model, state["model"], last, "it belongs to another run: train this one anew")
         self.step = int(state["step"])
-        prepare_start = time.perf_counter()
-        self._sync_phase()  # the optimizer must have the groups it had when saved (and a cache may be built)
-        prepared = time.perf_counter() - prepare_start
+        self.clock = {"prepare": 0.0, **{k: float(v) for k, v in state["clock"].items()}}
+        self._prepare()  # the optimizer must have the groups it had when saved (and a cache may be built)
         load_state(self.optimizer, state["optimizer"], last, "it belongs to another run: train this one anew")
         self.runner.load_state_dict(state["accumulators"])
         ranks = state.get("rng_ranks", [])
@@ -403,8 +408,6 @@ class Trainer:
             set_rng_state(ranks[self.group.rank], self.device)
         elif self.group.is_main:
             set_rng_state({"cpu": state["rng_cpu"], "cuda": state.get("rng_cuda")}, self.device)
-        self.clock = {"prepare": 0.0, **{k: float(v) for k, v in state["clock"].items()}}
-        self.clock["prepare"] += prepared
         if "task" in state and hasattr(self.task, "load_resume_state"):
             self.task.load_resume_state(state["task"])
         if self.group.is_main:
@@ -457,10 +460,8 @@ class Trainer:
         self.model.train()
         # before the clock and the Ctrl-C flag: a one-off pass such as the transfer study's
         # feature cache is not training time (but wall time), and Ctrl-C stops it at once
-        prepare_start = time.perf_counter()
-        self._sync_phase()
+        self._prepare()
         self._started = time.perf_counter()
-        self.clock["prepare"] += self._started - prepare_start
         bar = _progress(cfg.steps, self.step, self.progress, self.run.name)
         last = {}
         tick_at = time.perf_counter()

@@ -14,11 +14,11 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from cifarlab import CifarlabError, __version__
-from cifarlab.config import NOT_IDENTITY, WHERE_AND_HOW, Config, images_per_step, load_config
+from cifarlab.config import WHERE_AND_HOW, Config, identity_differences, images_per_step, load_config
 from cifarlab.fileio import read_json, write_json
 from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
 
@@ -118,8 +118,7 @@ def run_state(run: PlannedRun) -> str:
     if not (path / "config.toml").is_file():
         raise CifarlabError(f"{path}: exists but is not a cifarlab run; move it away or choose another --out")
     have = load_config(path / "config.toml")
-    differ = [f.name for f in fields(Config) if f.name not in NOT_IDENTITY
-              and getattr(have, f.name) != getattr(run.config, f.name)]
+    differ = identity_differences(have, run.config)
     if have.steps > run.config.steps:
         differ.insert(0, "steps")
     if differ:

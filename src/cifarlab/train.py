@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 from cifarlab import CifarlabError
-from cifarlab.config import NOT_IDENTITY, Config
+from cifarlab.config import Config, identity_differences
 from cifarlab.distributed import launch
 from cifarlab.engine import Trainer, make_autocast
 from cifarlab.runs import RunDir
@@ -62,9 +61,7 @@ def _check_resumable(run: RunDir, cfg: Config) -> None:
         raise CifarlabError(f"{run.path} has reached step {reached}; resuming it needs --steps of at least "
                             f"{reached} (got {cfg.steps})")
     if cfg.steps == reached:
-        have = run.config()
-        changed = [f.name for f in fields(Config) if f.name not in NOT_IDENTITY
-                   and getattr(have, f.name) != getattr(cfg, f.name)]
+        changed = identity_differences(run.config(), cfg)
         if changed:
             raise CifarlabError(f"{run.path} has reached its {reached} steps, so nothing would train with the "
                                 f"changed {', '.join(changed)}; give --steps above {reached} to train on")
