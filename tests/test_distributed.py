@@ -61,7 +61,7 @@ def torchrun(cwd, study, *args, nproc=2):
     """`torchrun --nproc-per-node 2 -m cifarlab train STUDY --distributed ARGS` in cwd."""
     env = process_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--standalone", "-m", "cifarlab", "train", study, "--distributed", "--quiet", *args]
+           "--master-port", str(free_port()), "-m", "cifarlab", "train", study, "--distributed", "--quiet", *args]
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     return res
