@@ -8,7 +8,7 @@
 # DATA_DIR holds cifar10-jpeg.npz and unpack_cifar10.py; WHEEL_DIR the .whl files; results,
 # the report and logs go to OUT_DIR. The script aims to end within SECONDS (default 540): every
 # step's time limit is cut to what is left (less what step 4 needs to wrap up), and a step with
-# too little time is skipped and says so. PARTS (default 01234) picks the steps:
+# too little time is skipped and says so. PARTS (default 0123s4) picks the steps:
 #   0. the CUDA-only tests (graph capture and its fallback)
 #   1. step time: cifarlab (fp32 graph, no graph, bf16) against the plain PyTorch loop; then
 #      where the step's GPU time goes (the top kernels of the ConvNet, Siamese and Lite0 steps)
@@ -16,6 +16,8 @@
 #   2. the default 15,000-step ConvNet run, fp32 and bf16: test accuracy and training time
 #   3. processes at once on the GPU (aggregate steps/s for 1, 2, 4): the --jobs choice;
 #      the same with threads on CUDA streams of one process, for comparison
+#   s. several ConvNets trained as one stacked model (grouped convolutions, batched matmuls):
+#      member-steps/s against one run's step, at batch 128 and 64 (benchmarks/stacked_models.py)
 #   4. `cifarlab reproduce --steps-scale 1 --jobs N` (N from step 3, else $JOBS, else 1: on an
 #      H100 runs at once did not pay;
 #      transfer on Lite0: no VGG-16 weights there), stopped with Ctrl-C when the time is up;
@@ -25,7 +27,7 @@
 # QUICK=1 runs the same script with tiny step counts on the CPU: a check of the script itself.
 set -uo pipefail
 data_in=$1 wheels=$2 out=$3 total=${4:-540}
-parts=${PARTS:-01234}
+parts=${PARTS:-0123s4}
 t0=$(date +%s)
 wrap_up=75  # what step 4 needs after its Ctrl-C: the runs saving (30 s at most), then the report
 left() { echo $(( total - ($(date +%s) - t0) )); }
@@ -40,9 +42,11 @@ limited() {
 wants() { [[ $parts == *$1* ]]; }
 if [ "${QUICK:-0}" = 1 ]; then
     device=cpu time_steps=3 prof_steps=2 b128=(--steps 20 --eval-every 10) procs=1,2 conc_steps=5
+    stack=(--members 1,2 --steps 3) stack64=(--members 2 --steps 3)
     repro=(--steps-scale 0.0004 --only study1 --max-evals 1)
 else
     device=cuda time_steps=300 prof_steps=20 b128=() procs=1,2,4 conc_steps=1000 repro=(--steps-scale 1)
+    stack=(--members 1,2,4,8 --steps 300) stack64=(--members 5 --steps 300)
 fi
 work=${WORK:-/tmp/gpu-check}
 mkdir -p "$out" "$work"
@@ -115,6 +119,16 @@ if wants 3; then
         --procs "${procs%%,*},${procs##*,}" --steps "$conc_steps" --device "$device" \
         --set backbone=efficientnet-lite0 > "$out/concurrent-transfer.txt" 2>&1
     tail -5 "$out/concurrent-transfer.txt"
+fi
+
+if wants s; then
+    echo "== s. several ConvNets as one stacked model (member-steps/s against one run)"
+    limited 60 python3 benchmarks/stacked_models.py --data "$data" --device "$device" "${stack[@]}" \
+        > "$out/stacked-b128.txt" 2>&1
+    tail -8 "$out/stacked-b128.txt"
+    limited 40 python3 benchmarks/stacked_models.py --data "$data" --device "$device" --batch-size 64 \
+        "${stack64[@]}" > "$out/stacked-b64.txt" 2>&1
+    tail -5 "$out/stacked-b64.txt"
 fi
 
 if wants 4; then

@@ -64,3 +64,20 @@ def test_a_run_resumed_to_more_steps_is_unfinished_until_it_gets_there(tmp_path)
     assert (row["step"], row["steps"], row["finished"], row["ms_per_step"]) == (35, 50, False, None)
     assert RunDir.open(run.path).summary() == {}
     assert RunDir.open(run.path).summary(30)["steps"] == 30
+
+
+def test_a_damaged_run_in_a_folder_is_left_out_with_a_warning_but_stops_when_named(runs, capsys):
+    (runs / "study" / "plain" / "config.toml").write_text("steps = [broken\n")
+    (runs / "study" / "dropout" / "metrics.csv").write_text("not,the,columns\n1,2,3\n")
+    (runs / "study" / "ok").mkdir()
+    fake_run(runs / "study" / "ok", Config(steps=30), [(30, 1.0, 0.6)], True)
+    differing, rows = compare_runs([runs / "study"])
+    assert [row["run"].rsplit("/", 1)[-1] for row in rows] == ["ok"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("warning: left out ") for line in err)
+    assert "plain" in err[1] and "config.toml" in err[1] and "dropout" in err[0]
+    with pytest.raises(CifarlabError, match="config.toml"):
+        compare_runs([runs / "study" / "plain"])
+    (runs / "study" / "ok" / "config.toml").write_text("study = 3\n")
+    with pytest.raises(CifarlabError, match="no readable run in"):
+        compare_runs([runs / "study"])

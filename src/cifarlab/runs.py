@@ -18,6 +18,7 @@ import io
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -287,18 +288,18 @@ def device_name(device: torch.device) -> str:
 # -- comparing runs ----------------------------------------------------------------------------
 
 
-def find_runs(paths: list[str | Path]) -> list[Path]:
-    """The run directories among `paths`: each one is a run, or a folder of runs (a
-    `cifarlab reproduce` output, say), whose runs are taken in name order."""
+def find_runs(paths: list[str | Path]) -> list[tuple[Path, bool]]:
+    """The run directories among `paths`, each with whether it was named itself: each path is a
+    run, or a folder of runs (a `cifarlab reproduce` output, say), whose runs are taken in name order."""
     found = []
     for path in map(Path, paths):
         if (path / "config.toml").is_file():
-            found.append(path)
+            found.append((path, True))
             continue
         inner = sorted(p for p in path.iterdir() if (p / "config.toml").is_file()) if path.is_dir() else []
         if not inner:
             raise CifarlabError(f"{path}: neither a cifarlab run (no config.toml) nor a folder of runs; check the path")
-        found.extend(inner)
+        found.extend((p, False) for p in inner)
     return found
 
 
@@ -309,11 +310,26 @@ def current_summary(summary: dict, steps: int) -> dict:
 
 def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
     """One row per run: its results (finished or not yet) and the settings in which the runs
-    differ (None where the run's study does not read it). Returns (those setting names, rows)."""
-    runs = [RunDir.open(p) for p in find_runs(paths)]
-    # a setting a run's study does not read is None for it, and does not count as a difference
-    configs = [{key: (value if cfg["study"] in READ_BY.get(key, STUDIES) else None) for key, value in cfg.items()}
-               for cfg in (run.config().to_dict() for run in runs)]
+    differ (None where the run's study does not read it). Returns (those setting names, rows).
+
+    A run that cannot be read stops it when it was named itself; one found in a folder of runs is
+    left out with a warning, so that one damaged run does not hide the others."""
+    runs, configs = [], []
+    for path, named in find_runs(paths):
+        try:
+            run = RunDir.open(path)  # reads metrics.csv
+            cfg = run.config().to_dict()
+            run.summary(cfg["steps"])  # read now: a damaged file belongs to this run alone
+        except CifarlabError as err:
+            if named:
+                raise
+            print(f"warning: left out {path}: {err}", file=sys.stderr)
+            continue
+        runs.append(run)
+        # a setting a run's study does not read is None for it, and does not count as a difference
+        configs.append({key: (value if cfg["study"] in READ_BY.get(key, STUDIES) else None) for key, value in cfg.items()})
+    if not runs:
+        raise CifarlabError(f"no readable run in {', '.join(map(str, paths))}; see the warnings")
     differing = [key for key in configs[0] if key not in NOT_COMPARED
                  and len({repr(c[key]) for c in configs if c[key] is not None}) > 1]
     rows = []
