@@ -177,6 +177,10 @@ def test_ovr_writes_json_table_and_confusion_for_both_protocols(run_copy):
     table = A.format_ovr_table(seed_rows + split_rows)
     assert table.splitlines()[0].split()[:5] == ["layer", "dims", "protocol", "classifier", "accuracy"]
     assert len(table.splitlines()) >= 5
+    (path / "analysis" / "ovr-fc2.json").write_text('{"results": 5}')  # damaged: read as no result, replaced
+    assert A.read_ovr(path, "fc2") is None
+    A.run_ovr(path, "fc2", protocol="split", data=data, progress=False)
+    assert set(json.loads((path / "analysis" / "ovr-fc2.json").read_text())["results"]) == {"split/linear-svm"}
 
 
 def test_tsne_writes_pictures_and_coordinates(run_copy):
@@ -193,6 +197,9 @@ def test_tsne_writes_pictures_and_coordinates(run_copy):
         assert (path / "plots" / f"tsne-{name}.png").stat().st_size > 10_000
     assert out["combined"] == path / "plots" / "tsne-all.png" and out["combined"].stat().st_size > 20_000
     assert not list(path.rglob(".tmp-*")), "temporary files left behind"
+    few = A.run_tsne(path, "fc2", perplexity=40, max_points=31, seed=0, data=data, progress=False)
+    with np.load(path / "analysis" / "tsne-fc2.npz") as z:  # openTSNE lowers it to (n - 1) / 3: recorded so
+        assert few["perplexity"] == json.loads(str(z["meta"]))["perplexity"] == 10
 
 
 def test_unknown_layer_lists_the_layers_of_the_run(run_copy):

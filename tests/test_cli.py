@@ -214,6 +214,63 @@ def test_resume_refuses_what_would_rewrite_the_runs_records(trained, tmp_path):
                    f"{run / 'config.toml'}: invalid config: batch_size must be >= 1 (got -5)")
 
 
+def test_resume_keeps_the_runs_settings_and_a_failed_one_changes_nothing(trained, tmp_path):
+    import torch
+
+    from cifarlab.runs import RunDir
+
+    data, run = trained[0], copy_of(trained[1], tmp_path)
+    reached = RunDir(run).saved_step()
+    records = {name: (run / name).read_bytes() for name in ("config.toml", "summary.json", "metrics.csv")}
+    one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", reached + 3, "--dropout", 0.5,
+                           "--batch-size", 4, "--quiet"),
+                   "was trained with batch_size 8 (asked: 4), dropout 0.0 (asked: 0.5); a resume keeps a run's settings")
+    assert {name: (run / name).read_bytes() for name in records} == records
+    # nothing left to train: nothing is rewritten, not even the summary's timings
+    res = run_cli("train", "classifier", "--resume", run, "--steps", reached, "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert {name: (run / name).read_bytes() for name in records} == records
+    # a resume that fails on its last.pt leaves config.toml as it was (here: the data it records)
+    other = make_image_folders(tmp_path / "other", 4)
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["model"]["stages.fc1.linear.bias"] = torch.zeros(3)
+    torch.save(state, last)
+    one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", reached + 3, "--data", other, "--quiet"),
+                   "last.pt: does not fit this run's network")
+    assert (run / "config.toml").read_bytes() == records["config.toml"]
+
+
+def test_a_run_stopped_before_it_saved_anything_resumes_from_the_start(trained, tmp_path, monkeypatch):
+    """Ctrl-C (or a failure) before the first checkpoint leaves a config.toml alone: --resume trains
+    it from step 0 in place, and data given through $CIFARLAB_DATA is recorded."""
+    from cifarlab.config import Config
+    from cifarlab.runs import RunDir
+
+    data = trained[0]
+    run = RunDir.create(str(tmp_path / "early"), "classifier")
+    run.write_config(Config(steps=4, batch_size=8, eval_every=2, checkpoint_every=2, device="cpu"))
+    created = (run.path / "config.toml").read_text().split("created = ")[1].splitlines()[0]
+    monkeypatch.setenv("CIFARLAB_DATA", str(data))
+    res = run_cli("train", "classifier", "--resume", run.path, "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((run.path / "summary.json").read_text())["steps"] == 4
+    text = (run.path / "config.toml").read_text()
+    assert f'data = "{data.resolve()}"' in text
+    assert f"created = {created}" in text and "resumed = " in text
+
+
+def test_devices_and_seeds_out_of_range_are_one_error_line(trained):
+    data, run = trained[0], trained[1]
+    one_error_line(run_cli("eval", run, "--data", data, "--device", "tpu"), "unknown device 'tpu'; use auto, cpu, cuda")
+    one_error_line(run_cli("eval", run, "--data", data, "--device", "cuda:x"), "unknown device 'cuda:x'")
+    one_error_line(run_cli("train", "classifier", "--data", data, "--seed", 2**40, "--quiet"),
+                   "seed must be in [0, 2**32)")
+    for command in ("tsne", "ovr"):
+        res = run_cli(command, run, "--seed", -1)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and "--seed" in res.stderr
+
+
 def test_checkpoints_of_another_network_or_damaged_give_one_line(trained, tmp_path):
     import argparse
 

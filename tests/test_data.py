@@ -725,3 +725,33 @@ def test_resolve_data_dir_prefers_flag_then_env_then_user_cache(tmp_path, monkey
     assert resolve_data_dir(None) == tmp_path / "env"
     assert resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
     assert resolve_data_dir("~/flag") == tmp_path / "home" / "flag"
+
+
+def test_failed_writes_name_the_users_file_and_leave_no_temporary(tmp_path):
+    """A full disk shows up as torch's or safetensors' own error, or as an OSError of the temporary
+    file: each becomes a message naming the file the user would look for."""
+    import errno
+
+    import torch
+
+    from cifarlab import CifarlabError
+
+    target = tmp_path / "last.pt"
+
+    def full_disk(tmp):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 434752 vs 434640")
+
+    with pytest.raises(CifarlabError, match=r"last.pt: could not be written \(\[enforce fail.*check the free space"):
+        fileio.write_with(target, full_disk)
+
+    def no_space(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        fileio.write_with(target, no_space)
+    assert caught.value.filename == str(target)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(OSError) as caught:
+        fileio.write_text(tmp_path / "folder", "a,b\n")
+    assert caught.value.filename == str(tmp_path / "folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]

@@ -184,3 +184,26 @@ def test_features_of_a_transfer_run_are_pool5_and_the_head(tmp_path, data):
     assert list(feats.layers) == ["pool5", "fc1", "fc2"]
     assert [x.shape[1] for x in feats.layers.values()] == [1280, 384, 192]  # Lite0's pooled width, the head's
     assert all(len(x) == len(data.test_labels) for x in feats.layers.values())
+
+
+def test_eval_and_features_need_no_weights_file_and_the_path_is_recorded_absolute(tmp_path, data, monkeypatch):
+    """The checkpoint holds the whole backbone: a weights file moved away after training must not
+    stop `eval` (nor analysis), and a relative path is recorded as an absolute one."""
+    from cifarlab.analysis import extract_features
+
+    (tmp_path / "w").mkdir()
+    save_lite0_file(calibrated_lite0(), tmp_path / "w" / "lite 0.pth")
+    monkeypatch.chdir(tmp_path / "w")
+    run, _ = train(transfer_cfg(backbone_weights="lite 0.pth", steps=5), out=str(tmp_path / "run"),
+                   progress=False, data=data)
+    assert run.config().backbone_weights == str(tmp_path / "w" / "lite 0.pth")
+    (tmp_path / "w" / "lite 0.pth").unlink()
+    monkeypatch.chdir(tmp_path)
+    res = run_cli("eval", run.path, "--data", write_cifar_python(tmp_path / "data", data).parent)
+    assert res.returncode == 0, res.stderr
+    loss = next(float(r[2]) for r in reversed(metric_values(run.path)) if r[1] == "test")
+    assert f"step 5 test: loss {loss:.4f}" in res.stdout
+    import numpy as np
+
+    with np.load(extract_features(run.path, "pool5", split="test", data=data, progress=False)) as npz:
+        assert npz["pool5"].std() > 0.01  # the calibrated backbone's, loaded from the checkpoint

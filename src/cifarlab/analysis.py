@@ -148,7 +148,13 @@ def read_tsne(run_path: Path, layer: str) -> dict | None:
 
 def read_ovr(run_path: Path, layer: str, protocol: str = "seed", classifier: str = "linear-svm") -> dict | None:
     """The result `run_ovr` recorded for `layer` under that protocol and classifier, or None."""
-    return read_json(ovr_path(run_path, layer)).get("results", {}).get(f"{protocol}/{classifier}")
+    return _ovr_results(read_json(ovr_path(run_path, layer))).get(f"{protocol}/{classifier}")
+
+
+def _ovr_results(record: dict) -> dict:
+    """The results table of an ovr-<layer>.json record; {} when it is damaged (replaced on the next write)."""
+    results = record.get("results")
+    return results if isinstance(results, dict) else {}
 
 
 def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
@@ -183,7 +189,7 @@ def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str
     autocast = make_autocast(cfg.precision, dev)
     if data is None:
         data = load_cifar10(cfg.data or None, progress=progress)
-    task = build_task(cfg, dev, autocast, data=data, progress=progress)
+    task = build_task(cfg, dev, autocast, data=data, progress=progress, for_checkpoint=True)
     model = task.model
     names = select_layers(layers, model.layer_names)
     names = [n for n in model.layer_names if n in set(names) | set(keep)]
@@ -351,7 +357,10 @@ def run_tsne(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None
                           progress=progress)
     rows = sample_indices(len(feats.labels), max_points, seed)
     labels = feats.labels[rows]
-    out: dict = {"layers": {}, "combined": None, "checkpoint": feats.checkpoint, "points": len(rows)}
+    # openTSNE lowers a perplexity above a third of the other points to that: record what it used
+    perplexity = min(perplexity, (len(rows) - 1) / 3)
+    out: dict = {"layers": {}, "combined": None, "checkpoint": feats.checkpoint, "points": len(rows),
+                 "perplexity": perplexity}
     panels = []
     for name, x in feats.layers.items():
         start = time.perf_counter()
@@ -513,7 +522,7 @@ def run_ovr(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None 
         json_path = ovr_path(run.path, name)
         record = read_json(json_path)
         record.update(run=run.name, layer=name, classes=list(test.classes))
-        record.setdefault("results", {})[f"{protocol}/{classifier}"] = result
+        record["results"] = {**_ovr_results(record), f"{protocol}/{classifier}": result}
         write_json(json_path, record)
         where = "test 20%" if protocol == "seed" else "test"
         title = (f"{run.name}: {name}, {classifier}, {protocol} protocol, step {test.checkpoint}\n"

@@ -235,7 +235,7 @@ def eval_run(
         cfg = cfg.replace(data=str(data))
     dev = resolve_device(device or cfg.device)
     autocast = make_autocast(cfg.precision, dev)
-    task = build_task(cfg, dev, autocast)
+    task = build_task(cfg, dev, autocast, for_checkpoint=True)
     step = rundir.load_weights(task.model, checkpoint)
     task.model.eval()
     for split, (loss, acc) in task.evaluate().items():
@@ -351,7 +351,7 @@ def tsne(
     layer: LayerOpt = None,
     perplexity: Annotated[float, typer.Option(help="t-SNE perplexity (the report's: 40).")] = 40.0,
     max_points: Annotated[int, typer.Option(help="Embed a random subset of at most this many points.")] = 10000,
-    seed: Annotated[int, typer.Option(help="Seed of the subset, PCA and t-SNE.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the subset, PCA and t-SNE.")] = 0,
     split: Annotated[str, typer.Option(help="Features of train, val or test.")] = "test",
     checkpoint: CheckpointOpt = None,
     data: DataOpt = None,
@@ -365,7 +365,7 @@ def tsne(
 
     out = run_tsne(run, layer, perplexity=perplexity, max_points=max_points, seed=seed, split=split,
                    checkpoint=checkpoint, data=data, device=device, progress=not quiet)
-    print(f"t-SNE of {out['points']} {split} points, checkpoint step {out['checkpoint']}, perplexity {perplexity:g}")
+    print(f"t-SNE of {out['points']} {split} points, checkpoint step {out['checkpoint']}, perplexity {out['perplexity']:g}")
     for name, res in out["layers"].items():
         print(f"  {name:<12} {res['seconds']:6.1f} s  {res['png']}  {res['coords']}")
     if out["combined"] is not None:
@@ -382,7 +382,7 @@ def ovr(
     classifier: Annotated[str, typer.Option(
         help="linear-svm (liblinear one-vs-rest, fast), svc-linear (the report's "
         "OneVsRestClassifier(SVC(kernel='linear')), slow) or logistic.")] = "linear-svm",
-    seed: Annotated[int, typer.Option(help="Seed of the seed protocol's shuffle.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the seed protocol's shuffle.")] = 0,
     checkpoint: CheckpointOpt = None,
     data: DataOpt = None,
     device: AnalysisDeviceOpt = None,
@@ -451,6 +451,16 @@ def report_cmd(
     print(f"{html_path}\n{md_path}")
 
 
+def _from_ctrl_c(err: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the errors that led to `err`."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 def main() -> None:
     try:
         app()
@@ -460,6 +470,10 @@ def main() -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as exit_:  # recent typer turns Ctrl-C into a silent exit 130
+        if exit_.code == 130 and _from_ctrl_c(exit_):
+            print("error: interrupted", file=sys.stderr)
+        raise
     except OSError as err:  # a path the user gave that cannot be written or read (a file for a folder, ...)
         where = f"{err.filename}: " if err.filename else ""
         print(f"error: {where}{err.strerror or err}", file=sys.stderr)

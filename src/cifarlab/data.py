@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import struct
 import sys
 import tarfile
@@ -23,7 +24,6 @@ import tempfile
 import zipfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -505,7 +505,13 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     """fork on Linux, as torch's DataLoader does: spawn would re-run a calling script that lacks an
     `if __name__ == "__main__"` guard. Elsewhere fork is unsafe, so spawn."""
     method = "fork" if sys.platform == "linux" else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_ignore_ctrl_c)
+
+
+def _ignore_ctrl_c() -> None:
+    """In a decode worker: Ctrl-C reaches every process of the terminal's group; the caller alone
+    handles it (and cancels the work), else workers dying mid-task can leave the pool hanging."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _decode_all(paths: list[str], desc: str, progress: bool) -> np.ndarray:
@@ -516,7 +522,7 @@ def _decode_all(paths: list[str], desc: str, progress: bool) -> np.ndarray:
     pool = _process_pool(workers) if use_pool else None
     out = np.empty((len(paths), *IMAGE_SHAPE), np.uint8)
     start = 0
-    with pool or nullcontext():
+    try:
         # Submit (and so fork the workers) before tqdm starts its monitor thread.
         blocks = pool.map(_decode_chunk, chunks) if pool else map(_decode_chunk, chunks)
         with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
@@ -524,6 +530,9 @@ def _decode_all(paths: list[str], desc: str, progress: bool) -> np.ndarray:
                 out[start : start + len(block)] = block
                 start += len(block)
                 bar.update(len(block))
+    finally:
+        if pool is not None:  # on Ctrl-C or an error: drop the chunks not yet started
+            pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -59,6 +60,10 @@ class TrainingInterrupted(CifarlabError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N as a torch device (with this process's speed settings for it)."""
+    index = name[5:] if name.startswith("cuda:") else "0"
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and index.isdigit()):
+        raise CifarlabError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -488,7 +493,7 @@ class Trainer:
                         self.save_checkpoint(weights_too=False)
                         raise TrainingInterrupted(
                             f"interrupted at step {self.step}; progress saved. "
-                            f"Continue with: cifarlab train {cfg.study} --resume {self.run.path}"
+                            f"Continue with: cifarlab train {cfg.study} --resume {shlex.quote(str(self.run.path))}"
                         )
         finally:
             if bar is not None:

@@ -26,11 +26,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as err:
+            if err.filename or err.errno is None:
+                raise
+            raise OSError(err.errno, err.strerror, str(path)) from err  # name the user's file, not the temporary
         # mkstemp makes 0600 (and some writers, e.g. safetensors, recreate the file): give the
         # published file the usual permissions
         os.chmod(tmp_path, 0o666 & ~_UMASK)
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as err:  # e.g. `path` is a folder: name it, not the temporary
+            raise OSError(err.errno, err.strerror, str(path)) from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -59,9 +67,20 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
-    """Call writer(tmp_path) (e.g. np.savez, torch.save, fig.savefig) and publish atomically."""
+    """Call writer(tmp_path) (e.g. np.savez, torch.save, fig.savefig) and publish atomically.
+
+    torch and safetensors report a failed write (a full disk, say) as their own errors: those
+    become one line naming `path`."""
     with atomic_path(path) as tmp:
-        writer(tmp)
+        try:
+            writer(tmp)
+        except Exception as err:
+            if not isinstance(err, RuntimeError) and type(err).__name__ != "SafetensorError":
+                raise
+            from cifarlab import CifarlabError
+
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CifarlabError(f"{path}: could not be written ({first}); check the free space there") from None
 
 
 def user_cache_root() -> Path:

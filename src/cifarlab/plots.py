@@ -16,10 +16,15 @@ SPLIT_STYLE = {"train": dict(linestyle="-", alpha=0.55), "val": dict(linestyle="
 
 
 def image_formats() -> list[str]:
-    """The file types savefig writes (png, pdf, svg, ...), by suffix."""
+    """The file types savefig writes (png, pdf, svg, ...), by suffix; pgf only where the TeX
+    program it runs is installed."""
+    import shutil
+
+    import matplotlib
     from matplotlib.backend_bases import FigureCanvasBase
 
-    return sorted(FigureCanvasBase.get_supported_filetypes())
+    types = FigureCanvasBase.get_supported_filetypes()
+    return sorted(t for t in types if t != "pgf" or shutil.which(matplotlib.rcParams["pgf.texsystem"]))
 
 
 def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | None = None) -> Path:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cifarlab import CifarlabError, __version__
-from cifarlab.config import NOT_COMPARED, READ_BY, STUDIES, Config, load_config, to_toml
+from cifarlab.config import NOT_COMPARED, READ_BY, STUDIES, Config, load_config, read_toml, to_toml
 from cifarlab.fileio import read_json, write_json, write_text, write_with
 
 METRIC_FIELDS = ("step", "split", "loss", "accuracy", "seconds")
@@ -136,14 +136,23 @@ class RunDir:
         return run
 
     def write_config(self, cfg: Config) -> None:
+        """config.toml with an [about] table; a resumed run keeps the time it was created and
+        records when it was last resumed (and by which versions)."""
         self.materialise()
+        now = dt.datetime.now().isoformat(timespec="seconds")
+        try:
+            created = read_toml(self.path / "config.toml").get("about", {}).get("created")
+        except CifarlabError:
+            created = None
         about = {
             "cifarlab_version": __version__,
             "git_commit": git_commit(),
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
-            "created": dt.datetime.now().isoformat(timespec="seconds"),
+            "created": created if isinstance(created, str) else now,
         }
+        if isinstance(created, str):
+            about["resumed"] = now
         write_text(self.path / "config.toml", to_toml(cfg.to_dict(), about))
 
     def config(self) -> Config:

@@ -325,8 +325,15 @@ class TransferTask(ClassifierTask):
         return super()._logits(split, index)
 
 
-def build_task(cfg: Config, device: torch.device, autocast, data: Cifar10 | None = None, progress: bool = True):
-    """The task for cfg.study, loading CIFAR-10 from cfg.data unless `data` is given."""
+def build_task(cfg: Config, device: torch.device, autocast, data: Cifar10 | None = None, progress: bool = True,
+               for_checkpoint: bool = False):
+    """The task for cfg.study, loading CIFAR-10 from cfg.data unless `data` is given.
+
+    `for_checkpoint`: a checkpoint will replace every weight (eval, features), so a transfer
+    run's backbone is built without its pretrained file, which may have moved or be a download
+    away; the checkpoint holds the backbone, its input normalisation included."""
+    if for_checkpoint and cfg.study == "transfer":
+        cfg = cfg.replace(backbone_weights="none")
     if data is None:
         data = load_cifar10(cfg.data or None, progress=progress)
     torch.manual_seed(cfg.seed)  # model init depends on the seed alone

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cifarlab import CifarlabError
-from cifarlab.config import Config, identity_differences
+from cifarlab.config import NOT_COMPARED, Config, identity_differences
 from cifarlab.distributed import launch
 from cifarlab.engine import Trainer, make_autocast
 from cifarlab.runs import RunDir
@@ -23,13 +24,17 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
     """
     if resume is not None:
         run = RunDir.open(resume)
-        cfg = run.config().replace(distributed=False)
+        saved = run.config()
+        cfg = saved.replace(distributed=False)
     if overrides:
         cfg = cfg.replace(**overrides)
-    if cfg.data:  # recorded so that eval, analysis and resume find it from any working directory
-        cfg = cfg.replace(data=str(Path(cfg.data).expanduser().resolve()))
+    cfg = recorded_paths(cfg)
+    restart = False  # a run that saved nothing yet (stopped before its first checkpoint) starts anew
     if resume is not None:
-        _check_resumable(run, cfg)
+        restart = _check_resumable(run, saved, cfg)
+        if not restart and run.saved_step() == cfg.steps and run.summary(cfg.steps):
+            # nothing to train, nothing to rewrite (under torchrun rank 0 alone reports, as fit does)
+            return run, None if int(os.environ.get("RANK", "0")) else run.summary(cfg.steps)
     with launch(cfg) as group:
         if resume is None:  # rank 0 names it (a time stamp) and checks it is free
             run = group.on_main(lambda: RunDir.create(out, cfg.study))
@@ -37,11 +42,11 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
         autocast = make_autocast(cfg.precision, group.device)
         with group.main_first():  # rank 0 downloads and caches data and weights for the others
             task = build_task(cfg, group.device, autocast, data=data, progress=progress)
+        trainer = Trainer(cfg, task, run, group.device, progress=progress, group=group)
+        if resume is not None and not restart:
+            trainer.resume()  # before config.toml is rewritten: a failed resume changes nothing
         if group.is_main:
             run.write_config(cfg)
-        trainer = Trainer(cfg, task, run, group.device, progress=progress, group=group)
-        if resume is not None:
-            trainer.resume()
         summary = trainer.fit()
         if group.is_main:
             from cifarlab.plots import plot_curves  # matplotlib: only where something is drawn
@@ -50,18 +55,37 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
     return run, summary
 
 
-def _check_resumable(run: RunDir, cfg: Config) -> None:
-    """A resume trains on to cfg.steps: refuse fewer steps than the run has reached, and settings
-    changed on a run that has nothing left to train (its records would describe training that
-    never happened)."""
+def recorded_paths(cfg: Config) -> Config:
+    """The data and weights paths as absolute paths, so that eval, analysis and resume find them
+    from any working directory; data given by $CIFARLAB_DATA is recorded too."""
+    data = cfg.data or os.environ.get("CIFARLAB_DATA", "")
+    if data:
+        cfg = cfg.replace(data=str(Path(data).expanduser().resolve()))
+    if cfg.study == "transfer" and cfg.backbone_weights not in ("imagenet", "none"):
+        cfg = cfg.replace(backbone_weights=str(Path(cfg.backbone_weights).expanduser().resolve()))
+    return cfg
+
+
+def _check_resumable(run: RunDir, saved: Config, cfg: Config) -> bool:
+    """A resume trains on to cfg.steps with the run's own settings: refuse fewer steps than the run
+    has reached, and settings that would make its records describe training that never happened
+    (only how long, where and how it runs may change). True when the run saved nothing yet (Ctrl-C
+    or a failure before its first checkpoint): then it trains from the start, as cfg says."""
     reached = run.saved_step()
+    if reached is None and not (run.checkpoints / "last.pt").exists() and not run.weight_steps() and not run.metrics:
+        return True
     if reached is None:
-        return  # load_training_state says what is wrong with last.pt
+        return False  # load_training_state says what is wrong with last.pt
     if cfg.steps < reached:
         raise CifarlabError(f"{run.path} has reached step {reached}; resuming it needs --steps of at least "
                             f"{reached} (got {cfg.steps})")
-    if cfg.steps == reached:
-        changed = identity_differences(run.config(), cfg)
-        if changed:
-            raise CifarlabError(f"{run.path} has reached its {reached} steps, so nothing would train with the "
-                                f"changed {', '.join(changed)}; give --steps above {reached} to train on")
+    changed = identity_differences(recorded_paths(saved), cfg)  # a weights path as recorded now
+    if cfg.steps == reached and changed:
+        raise CifarlabError(f"{run.path} has reached its {reached} steps, so nothing would train with the "
+                            f"changed {', '.join(changed)}; give --steps above {reached} to train on")
+    changed = [key for key in changed if key not in NOT_COMPARED]
+    if changed:
+        what = ", ".join(f"{key} {getattr(saved, key)!r} (asked: {getattr(cfg, key)!r})" for key in changed)
+        raise CifarlabError(f"{run.path} was trained with {what}; a resume keeps a run's settings (only --steps, "
+                            "--data, --device and how it runs may change): train a new run for other settings")
+    return False
