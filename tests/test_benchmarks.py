@@ -8,18 +8,20 @@ import torch
 from cifarlab.models import convnet
 
 
-def _load(name: str):
-    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+def _load(name: str, monkeypatch):
+    """A benchmark script as a module; its sibling scripts import as they do when it runs."""
+    folder = Path(__file__).parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_stacked_convnet_members_are_the_report_convnet():
+def test_stacked_convnet_members_are_the_report_convnet(monkeypatch):
     """Member k of the stacked model computes what the ConvNet with member k's weights computes,
     in both memory layouts the benchmark feeds it."""
-    stacked_models = _load("stacked_models")
+    stacked_models = _load("stacked_models", monkeypatch)
     torch.manual_seed(0)
     nets = [convnet(init="xavier") for _ in range(3)]
     stack = stacked_models.StackedConvNet(3)

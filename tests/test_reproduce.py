@@ -222,6 +222,14 @@ def test_interrupted_runs_resume_and_foreign_ones_are_refused(tmp_path, training
     assert steps[-1] == 6 and json.loads((out / "classifier-b64" / "summary.json").read_text())["steps"] == 6
     # a run that began without leaving a checkpoint is kept aside, not overwritten
     assert any(p.name.startswith("classifier-b128.incomplete-") for p in out.iterdir())
+    # finished runs are not taken for runs of other images
+    other_data = make_image_folders(tmp_path / "other data", 4)
+    with pytest.raises(CifarlabError, match=rf"classifier-b128 was trained with other settings: data "
+                                            rf"'{re.escape(str(data))}' \(now '{re.escape(str(other_data))}'\)"):
+        reproduce(out, data=other_data, only="study1", **quick)
+    with pytest.raises(CifarlabError, match="--backbone-weights nowhere.pth: no such file"):
+        reproduce(tmp_path / "weights", data=data, only="study3", backbone_weights="nowhere.pth", **quick)
+    assert not (tmp_path / "weights").exists()
 
 
 def test_missing_backbone_weights_skip_the_transfer_runs(tmp_path, monkeypatch):
@@ -374,3 +382,33 @@ def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
         write_report(tmp_path)
     with pytest.raises(CifarlabError, match="no such folder"):
         write_report(tmp_path / "missing")
+
+
+def test_a_finished_run_whose_checkpoints_are_gone_is_flagged_not_silently_unanalysed(tmp_path):
+    from cifarlab.reproduce import analyse
+
+    (tmp_path / "classifier-b128").mkdir()
+    records = {"classifier-b128": {"status": "finished", "note": "already finished: skipped"}}
+    log = []
+    analyse(tmp_path, records, 100, progress=False, log=log.append)
+    assert "no checkpoints/step-N.safetensors left" in records["classifier-b128"]["analysis"]
+    assert len(log) == 1 and "classifier-b128" in log[0]
+
+
+def test_report_guards_the_users_figures_and_says_which_curves_it_could_not_draw(reproduced, tmp_path):
+    from cifarlab.report import write_report
+
+    out = tmp_path / "out"
+    shutil.copytree(reproduced[0], out)
+    user = out / "figures" / "figure-1.png"
+    user.write_bytes(b"my own figure")
+    with pytest.raises(CifarlabError, match="figure-1.png: exists and was not drawn by cifarlab"):
+        write_report(out)
+    assert user.read_bytes() == b"my own figure"
+    user.unlink()
+    metrics = out / "classifier-b64" / "metrics.csv"
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")  # the header alone
+    write_report(out)
+    md = (out / "report.md").read_text()
+    assert "Missing: classifier-b64: its metrics.csv has no rows." in md
+    assert user.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cifarlab.fileio import write_with  # noqa: E402
 
@@ -37,18 +38,21 @@ def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | No
             pts = sorted((r["step"], r["accuracy"], r["loss"]) for r in rows if r["split"] == split)
             steps = [p[0] for p in pts]
             style = dict(color=colours(i % 10), label=f"{label} {split}", **SPLIT_STYLE.get(split, {}))
+            if len(pts) < 3:  # a line of one point is not drawn: mark the points
+                style["marker"] = "o"
             ax_acc.plot(steps, [p[1] for p in pts], **style)
             ax_loss.plot(steps, [p[2] for p in pts], **style)
     for ax, what in ((ax_acc, "accuracy"), (ax_loss, "loss")):
         ax.set_xlabel("step")
-        ax.set_ylabel(what)
+        ax.set_title(what, fontsize=10)  # above the panel: long tick labels cannot push it off the figure
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     # fixed margins for this fixed layout: tight_layout measured every label and cost a third of
     # the drawing time, paid at the end of every run
-    fig.subplots_adjust(left=0.06, right=0.985, bottom=0.11, top=0.9 if title else 0.96, wspace=0.17)
+    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.11, top=0.86 if title else 0.92, wspace=0.2)
     out = Path(out)
     write_with(out, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)

@@ -274,9 +274,10 @@ def build_figures(data: ReportData, folder: Path) -> list[Figure]:
 
     figures = []
     for title, caption, names in CURVE_FIGURES:
-        have = [n for n in names if data.summary(n) or data.metrics(n)]
+        have = [n for n in names if data.metrics(n)]
         missing = [n for n in names if n not in have]
-        note = "".join(f" {n}: {data.why_missing(n)}." for n in missing)
+        note = "".join(f" {n}: {data.why_missing(n) if not data.summary(n) else 'its metrics.csv has no rows'}."
+                       for n in missing)
         if not have:
             figures.append(Figure(title, caption + " Not drawn:" + note, None, names))
             continue
@@ -312,7 +313,9 @@ def run_rows(data: ReportData) -> list[dict]:
         record = data.state.get("runs", {}).get(name, {})
         if not s and not record and name not in data.present:
             continue
-        status = "finished" if s else record.get("status") or "unfinished"
+        # a record of an earlier call may say finished for a run since resumed to more steps
+        status = "finished" if s else ("unfinished" if record.get("status") in (None, "finished")
+                                       else record["status"])
         rows.append({"run": name, "study": preset.study, "status": status, "steps": s.get("steps"),
                      "device": s.get("device", ""), "wall": s.get("wall_seconds"), "ms": s.get("ms_per_step"),
                      "note": "" if s else ":".join(data.why_missing(name).split(":")[:2])})
@@ -491,6 +494,14 @@ def check_report_files(root: Path) -> None:
                 head = f.read(2000)
             if mark not in head:
                 raise CifarlabError(f"{path}: exists and was not written by cifarlab; move it away or "
+                                    "choose another folder for the report")
+    for title, *_ in CURVE_FIGURES + TSNE_FIGURES:  # the figures it draws: matplotlib's PNGs say so
+        path = Path(root) / FIGURE_DIR / f"{_slug(title)}.png"
+        if path.is_file():
+            with open(path, "rb") as f:
+                head = f.read(400)
+            if b"Matplotlib" not in head:
+                raise CifarlabError(f"{path}: exists and was not drawn by cifarlab; move it away or "
                                     "choose another folder for the report")
 
 

@@ -110,6 +110,7 @@ def weights_problem(cfg: Config, progress: bool = True) -> str | None:
 
 def run_state(run: PlannedRun) -> str:
     """'new', 'finished', 'resume' or 'restart' (it began but left nothing to resume from)."""
+    from cifarlab.data import resolve_data_dir
     from cifarlab.runs import current_summary
 
     path = run.path
@@ -121,8 +122,13 @@ def run_state(run: PlannedRun) -> str:
     differ = identity_differences(have, run.config)
     if have.steps > run.config.steps:
         differ.insert(0, "steps")
+    shown = {key: (getattr(have, key), getattr(run.config, key)) for key in differ}
+    trained_on, now_on = (str(resolve_data_dir(cfg.data or None).expanduser().resolve()) for cfg in (have, run.config))
+    if trained_on != now_on:  # other images: its numbers are not this data's
+        differ.append("data")
+        shown["data"] = (trained_on, now_on)
     if differ:
-        what = ", ".join(f"{k} {getattr(have, k)!r} (now {getattr(run.config, k)!r})" for k in differ)
+        what = ", ".join(f"{k} {shown[k][0]!r} (now {shown[k][1]!r})" for k in differ)
         raise CifarlabError(f"{path} was trained with other settings: {what}; use another --out, "
                             f"or move that run away to train it anew")
     if have.steps == run.config.steps and current_summary(read_json(path / "summary.json"), have.steps):
@@ -374,14 +380,19 @@ ANALYSES = {  # preset -> layers its tables and figures need
 def analyse(out: Path, records: dict[str, dict], tsne_points: int, progress: bool = True, log=print) -> None:
     """OvR (seed protocol) and t-SNE (`tsne_points` test images) on the layers the report looks
     at, skipped when up to date. A failure is recorded in the run's record, not raised."""
-    from cifarlab.analysis import run_ovr, run_tsne
+    from cifarlab.analysis import read_ovr, run_ovr, run_tsne
 
     for name, layers in ANALYSES.items():
         path = out / name
         if records.get(name, {}).get("status") != "finished":
             continue
         step = _latest_step(path)
-        if step is None:
+        if step is None:  # finished, but its checkpoints were removed since
+            if not all(read_ovr(path, layer) for layer in layers):
+                why = ("analysis not possible: the run has no checkpoints/step-N.safetensors left; move the run "
+                       "away and run reproduce again to train it anew")
+                records[name]["analysis"] = why
+                log(f"  {name:<26} {why}")
             continue
         try:
             stale = [layer for layer in layers if not _ovr_fresh(path, layer, step)]
@@ -418,6 +429,9 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
         raise CifarlabError(f"--max-evals must be >= 1 (got {max_evals})")
     if tsne_points < 2:
         raise CifarlabError(f"--tsne-points must be at least 2 (got {tsne_points})")
+    if backbone_weights not in (None, "imagenet", "none") and not Path(backbone_weights).expanduser().is_file():
+        raise CifarlabError(f"--backbone-weights {backbone_weights}: no such file; give the path of a weights file, "
+                            "imagenet or none")
     out = Path(out)
     check_report_files(out)  # before hours of training, not after
     groups = parse_only(only)
