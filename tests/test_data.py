@@ -705,6 +705,9 @@ def test_holdout_split_takes_the_last_fraction_in_order():
     for bad in (1.0, -0.1):
         with pytest.raises(DataError):
             holdout_split(images, labels, bad)
+    for empty_side in (0.99, 0.01):  # 10 images: nothing left to train on, or nothing to validate on
+        with pytest.raises(DataError, match="choose a fraction that leaves both"):
+            holdout_split(images, labels, empty_side)
 
 
 def test_mean_image_is_the_float32_per_pixel_mean():

@@ -114,6 +114,12 @@ def test_only_and_set_are_checked(tmp_path):
     assert parse_only("study3,study1") == ["study1", "study3"]
     with pytest.raises(CifarlabError, match="subset of study1, study2, study3"):
         parse_only("study4")
+    with pytest.raises(CifarlabError, match="subset of study1, study2, study3"):
+        parse_only("")  # --only '' is a mistake, not "everything"
+    assert parse_only(None) == ["study1", "study2", "study3"]
+    with pytest.raises(CifarlabError, match="unknown device 'gpu'"):
+        reproduce(tmp_path / "out", device="gpu", progress=False)
+    assert not (tmp_path / "out").exists()
     assert parse_settings(["batch_size=32", "precision=bf16", "lr=3e-4"]) == {
         "batch_size": 32, "precision": "bf16", "lr": 3e-4}
     with pytest.raises(CifarlabError, match="batch_size should be int"):
@@ -382,6 +388,9 @@ def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
         write_report(tmp_path)
     with pytest.raises(CifarlabError, match="no such folder"):
         write_report(tmp_path / "missing")
+    (tmp_path / "weights.pth").write_bytes(b"x")
+    with pytest.raises(CifarlabError, match="weights.pth: a file, not a folder"):
+        write_report(tmp_path / "weights.pth")
 
 
 def test_a_finished_run_whose_checkpoints_are_gone_is_flagged_not_silently_unanalysed(tmp_path):

@@ -711,6 +711,9 @@ def holdout_split(
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     cut = len(labels) - int(round(len(labels) * fraction))
+    if fraction > 0 and not 0 < cut < len(labels):
+        raise DataError(f"a validation fraction of {fraction:g} of {len(labels)} training images leaves "
+                        f"{cut} to train on and {len(labels) - cut} to validate on; choose a fraction that leaves both")
     return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
 
 

@@ -22,7 +22,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The real suffix stays last: np.savez and savefig choose their format from it.
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=path.suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=path.suffix, dir=path.parent)
+    except OSError as err:  # a read-only folder, say: name the file the user knows
+        raise OSError(err.errno, err.strerror, str(path)) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:

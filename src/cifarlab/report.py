@@ -70,7 +70,8 @@ class ReportData:
     def __init__(self, root: Path):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise CifarlabError(f"{self.root}: no such folder; run `cifarlab reproduce --out {self.root}` first")
+            what = "a file, not a folder" if self.root.exists() else "no such folder"
+            raise CifarlabError(f"{self.root}: {what}; give the folder of a `cifarlab reproduce --out FOLDER`")
         self.state = read_json(self.root / "reproduce.json")
         self.presets = {p.name: p for p in all_presets()}
         self.present = [n for n in self.presets if (self.root / n / "config.toml").is_file()]

@@ -39,7 +39,7 @@ class PlannedRun:
 
 
 def parse_only(only: str | None) -> list[str]:
-    if not only:
+    if only is None:
         return list(GROUPS)
     chosen = [part.strip() for part in only.split(",") if part.strip()]
     unknown = [c for c in chosen if c not in GROUPS]
@@ -425,6 +425,9 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
         if key in (overrides or {}):
             flag = "--transfer-backbone" if key == "backbone" else "--" + key.replace("_", "-")
             raise CifarlabError(f"--set {key}=... is not how reproduce takes it: use {flag}")
+    from cifarlab.engine import resolve_device
+
+    resolve_device(device)  # no GPU for --device cuda: one line now, not one failure per run
     if max_evals is not None and max_evals < 1:
         raise CifarlabError(f"--max-evals must be >= 1 (got {max_evals})")
     if tsne_points < 2:
