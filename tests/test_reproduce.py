@@ -249,6 +249,9 @@ def test_missing_backbone_weights_skip_the_transfer_runs(tmp_path, monkeypatch):
     assert not any((tmp_path / "out" / name).exists() for name in state["runs"])
     md = (tmp_path / "out" / "report.md").read_text()
     assert md.count("skipped: see note 1 below") == 5 and "Note 1: skipped: backbone weights unavailable" in md
+    # the transfer figure names the five runs once, with their shared reason
+    assert md.count("could not download") == 2  # the table's note and the figure's caption
+    assert "transfer-features, transfer-refine" in md
 
 
 def test_jobs_train_runs_in_parallel_processes(tmp_path, training_only):
@@ -421,3 +424,10 @@ def test_report_guards_the_users_figures_and_says_which_curves_it_could_not_draw
     md = (out / "report.md").read_text()
     assert "Missing: classifier-b64: its metrics.csv has no rows." in md
     assert user.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # reproduce.json of the earlier call says finished; the run has since been set to train on
+    config = out / "classifier-b128-dropout0.5" / "config.toml"
+    config.write_text(config.read_text().replace("steps = 6\n", "steps = 60\n", 1))
+    write_report(out)
+    (row,) = [line for line in (out / "report.md").read_text().splitlines()
+              if line.startswith("| classifier-b128-dropout0.5 | classifier |")]
+    assert "| unfinished |" in row and "| finished |" not in row

@@ -277,8 +277,10 @@ def build_figures(data: ReportData, folder: Path) -> list[Figure]:
     for title, caption, names in CURVE_FIGURES:
         have = [n for n in names if data.metrics(n)]
         missing = [n for n in names if n not in have]
-        note = "".join(f" {n}: {data.why_missing(n) if not data.summary(n) else 'its metrics.csv has no rows'}."
-                       for n in missing)
+        reasons: dict[str, list[str]] = {}  # runs that share a reason (a skipped backbone's) are named together
+        for n in missing:
+            reasons.setdefault(data.why_missing(n) if not data.summary(n) else "its metrics.csv has no rows", []).append(n)
+        note = "".join(f" {', '.join(runs)}: {why}." for why, runs in reasons.items())
         if not have:
             figures.append(Figure(title, caption + " Not drawn:" + note, None, names))
             continue
