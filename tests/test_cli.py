@@ -257,7 +257,7 @@ def test_a_run_stopped_before_it_saved_anything_resumes_from_the_start(trained, 
     assert json.loads((run.path / "summary.json").read_text())["steps"] == 4
     text = (run.path / "config.toml").read_text()
     assert f'data = "{data.resolve()}"' in text
-    assert f"created = {created}" in text and "resumed = " in text
+    assert f"created = {created}" in text and "resumed = " not in text  # trained from the start, not resumed
 
 
 def test_devices_and_seeds_out_of_range_are_one_error_line(trained):

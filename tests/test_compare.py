@@ -68,7 +68,7 @@ def test_a_run_resumed_to_more_steps_is_unfinished_until_it_gets_there(tmp_path)
 
 def test_a_damaged_run_in_a_folder_is_left_out_with_a_warning_but_stops_when_named(runs, capsys):
     (runs / "study" / "plain" / "config.toml").write_text("steps = [broken\n")
-    (runs / "study" / "dropout" / "metrics.csv").write_text("not,the,columns\n1,2,3\n")
+    (runs / "study" / "dropout" / "metrics.csv").write_bytes(b"step,split,loss,accuracy,seconds\n\xff\xfe\n")
     (runs / "study" / "ok").mkdir()
     fake_run(runs / "study" / "ok", Config(steps=30), [(30, 1.0, 0.6)], True)
     differing, rows = compare_runs([runs / "study"])
@@ -78,6 +78,12 @@ def test_a_damaged_run_in_a_folder_is_left_out_with_a_warning_but_stops_when_nam
     assert "plain" in err[1] and "config.toml" in err[1] and "dropout" in err[0]
     with pytest.raises(CifarlabError, match="config.toml"):
         compare_runs([runs / "study" / "plain"])
+    (runs / "study" / "plain" / "config.toml").write_bytes(b"steps = 3\n\xff\n")  # not UTF-8
+    with pytest.raises(CifarlabError, match="config.toml: not valid TOML"):
+        compare_runs([runs / "study" / "plain"])
+    (runs / "study" / "dropout" / "metrics.csv").write_text("not,the,columns\n1,2,3\n")
+    with pytest.raises(CifarlabError, match="metrics.csv: its header is not step,split,loss,accuracy,seconds"):
+        compare_runs([runs / "study" / "dropout"])
     (runs / "study" / "ok" / "config.toml").write_text("study = 3\n")
     with pytest.raises(CifarlabError, match="no readable run in"):
         compare_runs([runs / "study"])

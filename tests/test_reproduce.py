@@ -431,3 +431,17 @@ def test_report_guards_the_users_figures_and_says_which_curves_it_could_not_draw
     (row,) = [line for line in (out / "report.md").read_text().splitlines()
               if line.startswith("| classifier-b128-dropout0.5 | classifier |")]
     assert "| unfinished |" in row and "| finished |" not in row
+
+
+def test_a_run_trained_with_a_relative_weights_path_is_the_planned_run(tmp_path, monkeypatch):
+    """train records the weights file as an absolute path; the next reproduce plans it as typed."""
+    from conftest import calibrated_lite0, save_lite0_file
+
+    monkeypatch.chdir(tmp_path)
+    save_lite0_file(calibrated_lite0(), tmp_path / "w.pth")
+    data = make_image_folders(tmp_path / "data", 2)
+    (planned,) = [r for r in plan(tmp_path / "out", ["study3"], 0.0004, 1, str(data), "cpu", "efficientnet-lite0",
+                                  "w.pth", overrides={"batch_size": 8, "tensorboard": False})
+                  if r.name == "transfer-features"]
+    train(planned.config, out=planned.path, progress=False)
+    assert run_state(planned) == "finished"

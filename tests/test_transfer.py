@@ -207,3 +207,6 @@ def test_eval_and_features_need_no_weights_file_and_the_path_is_recorded_absolut
 
     with np.load(extract_features(run.path, "pool5", split="test", data=data, progress=False)) as npz:
         assert npz["pool5"].std() > 0.01  # the calibrated backbone's, loaded from the checkpoint
+    # a resume loads the backbone from last.pt too, and still says where its weights came from
+    _, summary = train(transfer_cfg(), resume=run.path, overrides={"steps": 7}, progress=False, data=data)
+    assert summary["steps"] == 7 and "lite 0.pth" in summary["backbone_weights"]

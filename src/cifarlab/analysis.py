@@ -357,8 +357,8 @@ def run_tsne(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None
                           progress=progress)
     rows = sample_indices(len(feats.labels), max_points, seed)
     labels = feats.labels[rows]
-    # openTSNE lowers a perplexity above a third of the other points to that: record what it used
-    perplexity = min(perplexity, (len(rows) - 1) / 3)
+    # openTSNE lowers a perplexity above the number of other points to a third of them: record what it used
+    perplexity = perplexity if perplexity <= len(rows) - 1 else (len(rows) - 1) / 3
     out: dict = {"layers": {}, "combined": None, "checkpoint": feats.checkpoint, "points": len(rows),
                  "perplexity": perplexity}
     panels = []

@@ -97,8 +97,7 @@ class Config:
         need(self.backbone in ("vgg16", "efficientnet-lite0"),
              f"backbone must be vgg16 or efficientnet-lite0 (got {self.backbone!r})")
         need(self.refine_after >= -1, f"refine_after must be a step >= 0, or -1 for never (got {self.refine_after})")
-        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-             f"device must be auto, cpu or cuda (got {self.device!r})")
+        need(is_device_name(self.device), f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         need(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16 (got {self.precision!r})")
         need(self.memory_format in ("auto", "channels_last", "contiguous"),
              f"memory_format must be auto, channels_last or contiguous (got {self.memory_format!r})")
@@ -141,6 +140,11 @@ class Config:
         return dataclasses.replace(self, **changes).validate()
 
 
+def is_device_name(name: str) -> bool:
+    """auto, cpu, cuda or cuda:N (engine.resolve_device turns it into a device)."""
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -164,7 +168,7 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise CifarlabError(f"{path}: not found") from None
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise CifarlabError(f"{path}: not valid TOML ({err}); fix or remove the file") from None
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from cifarlab import CifarlabError
-from cifarlab.config import Config
+from cifarlab.config import Config, is_device_name
 from cifarlab.distributed import Solo
 from cifarlab.runs import RunDir, load_state
 
@@ -59,15 +59,19 @@ class TrainingInterrupted(CifarlabError):
     """Ctrl-C: progress was saved; the run can be resumed."""
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto, cpu, cuda or cuda:N as a torch device (with this process's speed settings for it)."""
-    index = name[5:] if name.startswith("cuda:") else "0"
-    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and index.isdigit()):
+def check_device(name: str) -> None:
+    """That `name` is auto, cpu, cuda or cuda:N, and that a CUDA device asked for exists."""
+    if not is_device_name(name):
         raise CifarlabError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CifarlabError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N as a torch device (with this process's speed settings for it)."""
+    check_device(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels

@@ -17,31 +17,39 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
+def _naming(path: Path, tmp: Path | None = None) -> Iterator[None]:
+    """An OSError about no file or about the temporary one (`tmp`; any file while it is being
+    made, tmp None) becomes one about `path`: the file the user knows."""
+    try:
+        yield
+    except OSError as err:
+        about_ours = err.filename is None or tmp is None or str(err.filename) == str(tmp)
+        if err.errno is None or not about_ours:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
+
+
+# How torch and safetensors word a write that failed (a full disk, say)
+_WRITE_FAILURES = ("PytorchStreamWriter failed", "unexpected pos", "file write failed", "IoError", "No space left")
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The real suffix stays last: np.savez and savefig choose their format from it.
-    try:
+    with _naming(path):  # a read-only folder, say
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=path.suffix, dir=path.parent)
-    except OSError as err:  # a read-only folder, say: name the file the user knows
-        raise OSError(err.errno, err.strerror, str(path)) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        try:
+        with _naming(path, tmp_path):
             yield tmp_path
-        except OSError as err:
-            if err.filename or err.errno is None:
-                raise
-            raise OSError(err.errno, err.strerror, str(path)) from err  # name the user's file, not the temporary
-        # mkstemp makes 0600 (and some writers, e.g. safetensors, recreate the file): give the
-        # published file the usual permissions
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
-        try:
-            os.replace(tmp_path, path)
-        except OSError as err:  # e.g. `path` is a folder: name it, not the temporary
-            raise OSError(err.errno, err.strerror, str(path)) from err
+            # mkstemp makes 0600 (and some writers, e.g. safetensors, recreate the file): give the
+            # published file the usual permissions
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
+            os.replace(tmp_path, path)  # fails if `path` is a folder, say
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -78,12 +86,13 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
         try:
             writer(tmp)
         except Exception as err:
-            if not isinstance(err, RuntimeError) and type(err).__name__ != "SafetensorError":
+            known = isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError"
+            if not (known and any(marker in str(err) for marker in _WRITE_FAILURES)):
                 raise
             from cifarlab import CifarlabError
 
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise CifarlabError(f"{path}: could not be written ({first}); check the free space there") from None
+            raise CifarlabError(f"{path}: could not be written ({first}); check the free space there") from err
 
 
 def user_cache_root() -> Path:

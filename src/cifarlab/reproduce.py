@@ -110,21 +110,22 @@ def weights_problem(cfg: Config, progress: bool = True) -> str | None:
 
 def run_state(run: PlannedRun) -> str:
     """'new', 'finished', 'resume' or 'restart' (it began but left nothing to resume from)."""
-    from cifarlab.data import resolve_data_dir
+    from cifarlab.analysis import data_key
     from cifarlab.runs import current_summary
+    from cifarlab.train import recorded_paths
 
     path = run.path
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return "new"
     if not (path / "config.toml").is_file():
         raise CifarlabError(f"{path}: exists but is not a cifarlab run; move it away or choose another --out")
-    have = load_config(path / "config.toml")
-    differ = identity_differences(have, run.config)
-    if have.steps > run.config.steps:
+    have, planned = recorded_paths(load_config(path / "config.toml")), recorded_paths(run.config)
+    differ = identity_differences(have, planned)
+    if have.steps > planned.steps:
         differ.insert(0, "steps")
-    shown = {key: (getattr(have, key), getattr(run.config, key)) for key in differ}
-    trained_on, now_on = (str(resolve_data_dir(cfg.data or None).expanduser().resolve()) for cfg in (have, run.config))
-    if trained_on != now_on:  # other images: its numbers are not this data's
+    shown = {key: (getattr(have, key), getattr(planned, key)) for key in differ}
+    trained_on, now_on = data_key(have, None), data_key(planned, None)
+    if trained_on != now_on:  # other images (or the same moved): its numbers may not be this data's
         differ.append("data")
         shown["data"] = (trained_on, now_on)
     if differ:
@@ -380,7 +381,7 @@ ANALYSES = {  # preset -> layers its tables and figures need
 def analyse(out: Path, records: dict[str, dict], tsne_points: int, progress: bool = True, log=print) -> None:
     """OvR (seed protocol) and t-SNE (`tsne_points` test images) on the layers the report looks
     at, skipped when up to date. A failure is recorded in the run's record, not raised."""
-    from cifarlab.analysis import read_ovr, run_ovr, run_tsne
+    from cifarlab.analysis import read_ovr, read_tsne, run_ovr, run_tsne
 
     for name, layers in ANALYSES.items():
         path = out / name
@@ -388,7 +389,7 @@ def analyse(out: Path, records: dict[str, dict], tsne_points: int, progress: boo
             continue
         step = _latest_step(path)
         if step is None:  # finished, but its checkpoints were removed since
-            if not all(read_ovr(path, layer) for layer in layers):
+            if not all(read_ovr(path, layer) and read_tsne(path, layer) for layer in layers):
                 why = ("analysis not possible: the run has no checkpoints/step-N.safetensors left; move the run "
                        "away and run reproduce again to train it anew")
                 records[name]["analysis"] = why
@@ -425,9 +426,9 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
         if key in (overrides or {}):
             flag = "--transfer-backbone" if key == "backbone" else "--" + key.replace("_", "-")
             raise CifarlabError(f"--set {key}=... is not how reproduce takes it: use {flag}")
-    from cifarlab.engine import resolve_device
+    from cifarlab.engine import check_device
 
-    resolve_device(device)  # no GPU for --device cuda: one line now, not one failure per run
+    check_device(device)  # no GPU for --device cuda: one line now, not one failure per run
     if max_evals is not None and max_evals < 1:
         raise CifarlabError(f"--max-evals must be >= 1 (got {max_evals})")
     if tsne_points < 2:

@@ -135,13 +135,14 @@ class RunDir:
         run.metrics = run.read_metrics()
         return run
 
-    def write_config(self, cfg: Config) -> None:
-        """config.toml with an [about] table; a resumed run keeps the time it was created and
-        records when it was last resumed (and by which versions)."""
+    def write_config(self, cfg: Config, resumed: bool = False) -> None:
+        """config.toml with an [about] table; a run written again keeps the time it was created,
+        and a resumed one records when it was last resumed (and by which versions)."""
         self.materialise()
         now = dt.datetime.now().isoformat(timespec="seconds")
         try:
-            created = read_toml(self.path / "config.toml").get("about", {}).get("created")
+            about = read_toml(self.path / "config.toml").get("about")
+            created = about.get("created") if isinstance(about, dict) else None
         except CifarlabError:
             created = None
         about = {
@@ -151,7 +152,7 @@ class RunDir:
             "python_version": platform.python_version(),
             "created": created if isinstance(created, str) else now,
         }
-        if isinstance(created, str):
+        if resumed:
             about["resumed"] = now
         write_text(self.path / "config.toml", to_toml(cfg.to_dict(), about))
 
@@ -176,15 +177,21 @@ class RunDir:
         path = self.path / "metrics.csv"
         if not path.exists():
             return []
-        rows = []
-        with open(path, newline="") as fh:
-            for n, row in enumerate(csv.DictReader(fh), start=2):
-                try:
+        rows, line = [], 1  # the line being read
+        try:
+            with open(path, newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh)
+                if reader.fieldnames is not None and not set(METRIC_FIELDS) <= set(reader.fieldnames):
+                    raise CifarlabError(f"{path}: its header is not {','.join(METRIC_FIELDS)}; the file is damaged")
+                for row in reader:
+                    line += 1
                     rows.append({"step": int(row["step"]), "split": row["split"],
                                  "loss": float(row["loss"]), "accuracy": float(row["accuracy"]),
                                  "seconds": float(row["seconds"])})
-                except (KeyError, TypeError, ValueError):
-                    raise CifarlabError(f"{path}: line {n} is not a metrics row; the file is damaged") from None
+        except UnicodeDecodeError:
+            raise CifarlabError(f"{path}: not text (after line {line}); the file is damaged") from None
+        except (KeyError, TypeError, ValueError, csv.Error):
+            raise CifarlabError(f"{path}: line {line} is not a metrics row; the file is damaged") from None
         return rows
 
     def truncate_metrics(self, step: int) -> None:
@@ -328,7 +335,6 @@ def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
         try:
             run = RunDir.open(path)  # reads metrics.csv
             cfg = run.config().to_dict()
-            run.summary(cfg["steps"])  # read now: a damaged file belongs to this run alone
         except CifarlabError as err:
             if named:
                 raise

@@ -282,12 +282,16 @@ class TransferTask(ClassifierTask):
 
     def resume_state(self) -> dict:
         """What last.pt carries for the summary: whether (and how long) the cache was built,
-        also by an earlier process of the run."""
-        return {"cache_used": self.cache_used, "cache_seconds": self.cache_seconds}
+        also by an earlier process of the run, and where the backbone's weights first came from
+        (a resume loads them from last.pt, not from that file)."""
+        return {"cache_used": self.cache_used, "cache_seconds": self.cache_seconds,
+                "weights_source": self.backbone.weights_source}
 
     def load_resume_state(self, state: dict) -> None:
         self.cache_used = self.cache_used or bool(state.get("cache_used"))
         self.cache_seconds += float(state.get("cache_seconds", 0.0))
+        self.backbone.weights_source = str(state.get("weights_source")
+                                           or f"{self.cfg.backbone_weights} (as the run's config records it)")
 
     def prepare_step(self, step: int) -> list:
         """Called by the engine before each training step; returns parameters that start training

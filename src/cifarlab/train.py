@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cifarlab import CifarlabError
 from cifarlab.config import NOT_COMPARED, Config, identity_differences
+from cifarlab.data import resolve_data_dir
 from cifarlab.distributed import launch
 from cifarlab.engine import Trainer, make_autocast
 from cifarlab.runs import RunDir
@@ -34,19 +35,21 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
         restart = _check_resumable(run, saved, cfg)
         if not restart and run.saved_step() == cfg.steps and run.summary(cfg.steps):
             # nothing to train, nothing to rewrite (under torchrun rank 0 alone reports, as fit does)
-            return run, None if int(os.environ.get("RANK", "0")) else run.summary(cfg.steps)
+            return run, None if cfg.distributed and os.environ.get("RANK", "0") != "0" else run.summary(cfg.steps)
     with launch(cfg) as group:
         if resume is None:  # rank 0 names it (a time stamp) and checks it is free
             run = group.on_main(lambda: RunDir.create(out, cfg.study))
         progress = progress and group.is_main
         autocast = make_autocast(cfg.precision, group.device)
         with group.main_first():  # rank 0 downloads and caches data and weights for the others
-            task = build_task(cfg, group.device, autocast, data=data, progress=progress)
+            # a resume loads every weight from last.pt: a transfer backbone's file is not needed
+            task = build_task(cfg, group.device, autocast, data=data, progress=progress,
+                              for_checkpoint=resume is not None and not restart)
         trainer = Trainer(cfg, task, run, group.device, progress=progress, group=group)
         if resume is not None and not restart:
             trainer.resume()  # before config.toml is rewritten: a failed resume changes nothing
         if group.is_main:
-            run.write_config(cfg)
+            run.write_config(cfg, resumed=resume is not None and not restart)
         summary = trainer.fit()
         if group.is_main:
             from cifarlab.plots import plot_curves  # matplotlib: only where something is drawn
@@ -58,9 +61,8 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
 def recorded_paths(cfg: Config) -> Config:
     """The data and weights paths as absolute paths, so that eval, analysis and resume find them
     from any working directory; data given by $CIFARLAB_DATA is recorded too."""
-    data = cfg.data or os.environ.get("CIFARLAB_DATA", "")
-    if data:
-        cfg = cfg.replace(data=str(Path(data).expanduser().resolve()))
+    if cfg.data or os.environ.get("CIFARLAB_DATA"):  # the default cache folder is left as "": the default
+        cfg = cfg.replace(data=str(resolve_data_dir(cfg.data or None).resolve()))
     if cfg.study == "transfer" and cfg.backbone_weights not in ("imagenet", "none"):
         cfg = cfg.replace(backbone_weights=str(Path(cfg.backbone_weights).expanduser().resolve()))
     return cfg
