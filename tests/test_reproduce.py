@@ -423,6 +423,10 @@ def test_report_guards_the_users_figures_and_says_which_curves_it_could_not_draw
     write_report(out)
     md = (out / "report.md").read_text()
     assert "Missing: classifier-b64: its metrics.csv has no rows." in md
+    # --set batch_size=16 made each batch-128 run its batch-64 twin: the banner says so
+    same = next(line for line in md.splitlines() if "SAME RUNS: " in line)
+    assert "classifier-b128, classifier-b64;" in same and "classifier-b128-dropout0.5, classifier-b64-dropout0.5" in same
+    assert "siamese" not in same
     assert user.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # reproduce.json of the earlier call says finished; the run has since been set to train on
     config = out / "classifier-b128-dropout0.5" / "config.toml"

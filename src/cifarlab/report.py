@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarlab import CifarlabError, __version__
-from cifarlab.config import NOT_COMPARED
+from cifarlab.config import NOT_COMPARED, NOT_IDENTITY
 from cifarlab.fileio import read_json, write_text
 from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
 from cifarlab.reproduce import GROUPS
@@ -395,6 +395,24 @@ def scale_warning(scales: dict[str, tuple[float, int, int]]) -> str | None:
             f"the real study.")
 
 
+def same_runs_warning(data: ReportData) -> str | None:
+    """Presets that were trained with one and the same settings (a small --steps-scale makes the
+    refine steps K of 100, 1,000 and 2,500 one step; --set can make ablations equal): their rows
+    are one run's result several times, which the reader must be told."""
+    groups: dict[str, list[str]] = {}
+    for name in data.present:
+        cfg = data.config(name)
+        if cfg:
+            key = repr(sorted((k, v) for k, v in cfg.items() if k != "about" and (k not in NOT_IDENTITY or k == "steps")))
+            groups.setdefault(key, []).append(name)
+    same = [names for names in groups.values() if len(names) > 1]
+    if not same:
+        return None
+    return ("SAME RUNS: " + "; ".join(", ".join(names) for names in same) +
+            " were trained with the same settings here, so their numbers are one run's; at --steps-scale 1 "
+            "(and without such --set) they differ as in the report.")
+
+
 # --- writers ------------------------------------------------------------------------------------
 
 CSS = """
@@ -515,8 +533,8 @@ def write_report(root: str | Path) -> tuple[Path, Path]:
     folder = data.root / FIGURE_DIR
     tables, figures = build_tables(data), build_figures(data, folder)
     runs, env = run_rows(data), environment(data)
-    warnings = [w for w in (scale_warning(data.step_scales()), settings_warning(data.state.get("overrides", {})))
-                if w]
+    warnings = [w for w in (scale_warning(data.step_scales()), settings_warning(data.state.get("overrides", {})),
+                            same_runs_warning(data)) if w]
     html_path, md_path = data.root / "report.html", data.root / "report.md"
     write_text(html_path, render_html(tables, figures, runs, env, warnings))
     write_text(md_path, render_markdown(tables, figures, runs, env, warnings, data.root))
