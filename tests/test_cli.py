@@ -215,6 +215,8 @@ def test_resume_refuses_what_would_rewrite_the_runs_records(trained, tmp_path):
 
 
 def test_resume_keeps_the_runs_settings_and_a_failed_one_changes_nothing(trained, tmp_path):
+    import shutil
+
     import torch
 
     from cifarlab.runs import RunDir
@@ -231,14 +233,21 @@ def test_resume_keeps_the_runs_settings_and_a_failed_one_changes_nothing(trained
     assert res.returncode == 0, res.stderr
     assert {name: (run / name).read_bytes() for name in records} == records
     # a resume that fails on its last.pt leaves config.toml as it was (here: the data it records)
-    other = make_image_folders(tmp_path / "other", 4)
+    other = make_image_folders(tmp_path / "other", 5)  # other images than the run was trained on
     last = run / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)
     state["model"]["stages.fc1.linear.bias"] = torch.zeros(3)
     torch.save(state, last)
     one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", reached + 3, "--data", other, "--quiet"),
+                   "was trained on other images than the data given now holds")
+    assert (run / "config.toml").read_bytes() == records["config.toml"]
+    one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", reached + 3, "--quiet"),
                    "last.pt: does not fit this run's network")
     assert (run / "config.toml").read_bytes() == records["config.toml"]
+    moved = tmp_path / "moved data"  # the same images elsewhere: a resume goes on (checked up to the load)
+    shutil.copytree(data, moved)
+    one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", reached + 3, "--data", moved, "--quiet"),
+                   "last.pt: does not fit this run's network")
 
 
 def test_a_run_stopped_before_it_saved_anything_resumes_from_the_start(trained, tmp_path, monkeypatch):

@@ -413,10 +413,16 @@ def test_report_guards_the_users_figures_and_says_which_curves_it_could_not_draw
     out = tmp_path / "out"
     shutil.copytree(reproduced[0], out)
     user = out / "figures" / "figure-1.png"
-    user.write_bytes(b"my own figure")
+    assert b"cifarlab" in user.read_bytes()[:400]  # its own figures carry its mark
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    fig.savefig(user)  # the user's own figure of that name, drawn with matplotlib too
+    plt.close(fig)
+    mine = user.read_bytes()
     with pytest.raises(CifarlabError, match="figure-1.png: exists and was not drawn by cifarlab"):
         write_report(out)
-    assert user.read_bytes() == b"my own figure"
+    assert user.read_bytes() == mine
     user.unlink()
     metrics = out / "classifier-b64" / "metrics.csv"
     metrics.write_text(metrics.read_text().splitlines()[0] + "\n")  # the header alone

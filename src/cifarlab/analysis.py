@@ -37,6 +37,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from cifarlab import CifarlabError  # noqa: E402
 from cifarlab.fileio import read_json, write_json, write_with  # noqa: E402
+from cifarlab.plots import save_figure  # noqa: E402
 from cifarlab.runs import RunDir  # noqa: E402
 
 SPLITS = ("train", "val", "test")
@@ -405,8 +406,7 @@ def plot_tsne(panels: list[tuple[str, np.ndarray]], labels: np.ndarray, classes:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
-    out = Path(out)
-    write_with(out, lambda tmp: fig.savefig(tmp, dpi=110))
+    out = save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -556,7 +556,6 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], out: Path, title: str
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    out = Path(out)
-    write_with(out, lambda tmp: fig.savefig(tmp, dpi=110))
+    out = save_figure(fig, out)
     plt.close(fig)
     return out

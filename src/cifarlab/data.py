@@ -530,9 +530,14 @@ def _decode_all(paths: list[str], desc: str, progress: bool) -> np.ndarray:
                 out[start : start + len(block)] = block
                 start += len(block)
                 bar.update(len(block))
-    finally:
-        if pool is not None:  # on Ctrl-C or an error: drop the chunks not yet started
-            pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:
+        if pool is not None:  # Ctrl-C or an error: stop the workers, whatever state the pool is in
+            for worker in list((getattr(pool, "_processes", None) or {}).values()):
+                worker.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    if pool is not None:
+        pool.shutdown()
     return out
 
 
@@ -700,6 +705,16 @@ def describe(ds: Cifar10) -> str:
         *(f"{name:<{width}}  {train[i]:>6}  {test[i]:>6}" for i, name in enumerate(ds.classes)),
     ]
     return "\n".join(lines)
+
+
+def data_digest(data: Cifar10) -> str:
+    """A short fingerprint of the images themselves (labels and a spread sample of pixels), the
+    same wherever the data lies: a run resumed on other images is refused by it."""
+    h = hashlib.sha256()
+    for images, labels in ((data.train_images, data.train_labels), (data.test_images, data.test_labels)):
+        h.update(np.asarray(labels, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(images[:: max(1, len(images) // 64)]).tobytes())
+    return h.hexdigest()[:16]
 
 
 def holdout_split(

@@ -384,6 +384,8 @@ class Trainer:
             state["rng_cuda"] = rng["cuda"]
         if hasattr(self.task, "resume_state"):
             state["task"] = self.task.resume_state()
+        if getattr(self.task, "data_digest", None):
+            state["data_digest"] = self.task.data_digest
         if self.group.distributed:
             state["rng_ranks"] = self.group.gather({k: v.cpu() for k, v in rng.items()})
         return state
@@ -406,6 +408,10 @@ class Trainer:
         processes resumes too, the other ranks then with fresh dropout streams)."""
         state = self.run.load_training_state(self.device)
         last = self.run.checkpoints / "last.pt"
+        trained_on, now = state.get("data_digest"), getattr(self.task, "data_digest", None)
+        if trained_on and now and trained_on != now:
+            raise CifarlabError(f"{self.run.path} was trained on other images than the data given now holds "
+                                f"({self.cfg.data or 'the default data'}); resume it on its own data, or train a new run")
         load_state(self.model, state["model"], last, "it belongs to another run: train this one anew")
         self.step = int(state["step"])
         self.clock = {"prepare": 0.0, **{k: float(v) for k, v in state["clock"].items()}}

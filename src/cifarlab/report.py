@@ -516,12 +516,14 @@ def check_report_files(root: Path) -> None:
             if mark not in head:
                 raise CifarlabError(f"{path}: exists and was not written by cifarlab; move it away or "
                                     "choose another folder for the report")
-    for title, *_ in CURVE_FIGURES + TSNE_FIGURES:  # the figures it draws: matplotlib's PNGs say so
+    from cifarlab.plots import PNG_MARK
+
+    for title, *_ in CURVE_FIGURES + TSNE_FIGURES:  # the figures it draws carry its mark
         path = Path(root) / FIGURE_DIR / f"{_slug(title)}.png"
         if path.is_file():
             with open(path, "rb") as f:
                 head = f.read(400)
-            if b"Matplotlib" not in head:
+            if PNG_MARK.encode() not in head:
                 raise CifarlabError(f"{path}: exists and was not drawn by cifarlab; move it away or "
                                     "choose another folder for the report")
 

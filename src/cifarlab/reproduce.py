@@ -456,7 +456,7 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
         "finished_at": dt.datetime.now().isoformat(timespec="seconds"),
         "steps_scale": steps_scale, "only": groups, "overrides": overrides or {}, "jobs": jobs,
         "max_evals": max_evals,
-        "data": {"layout": dataset.layout, "source": str(dataset.source), "checksum": dataset.checksum,
+        "data": {"layout": dataset.layout, "source": str(Path(dataset.source).resolve()), "checksum": dataset.checksum,
                  "train": int(len(dataset.train_labels)), "test": int(len(dataset.test_labels))},
         "wall_seconds": round(time.perf_counter() - start, 2), "train_seconds": round(train_seconds, 2),
         "runs": {**previous.get("runs", {}), **records},

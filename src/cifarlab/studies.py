@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cifarlab import CifarlabError
 from cifarlab.config import Config, embeds_anchor_once
-from cifarlab.data import Cifar10, holdout_split, load_cifar10, mean_image
+from cifarlab.data import Cifar10, data_digest, holdout_split, load_cifar10, mean_image
 from cifarlab.losses import classifier_loss, contrastive_loss, same_class_threshold
 from cifarlab.backbones import build_backbone
 from cifarlab.models import StagedNet, convnet, decayed_weights, fc_block, init_weights, siamese_branch
@@ -342,9 +342,12 @@ def build_task(cfg: Config, device: torch.device, autocast, data: Cifar10 | None
         data = load_cifar10(cfg.data or None, progress=progress)
     torch.manual_seed(cfg.seed)  # model init depends on the seed alone
     if cfg.study == "classifier":
-        return ClassifierTask(cfg, data, device, autocast)
-    if cfg.study == "siamese":
-        return SiameseTask(cfg, data, device, autocast)
-    if cfg.study == "transfer":
-        return TransferTask(cfg, data, device, autocast, progress=progress)
-    raise CifarlabError(f"unknown study {cfg.study!r}")
+        task = ClassifierTask(cfg, data, device, autocast)
+    elif cfg.study == "siamese":
+        task = SiameseTask(cfg, data, device, autocast)
+    elif cfg.study == "transfer":
+        task = TransferTask(cfg, data, device, autocast, progress=progress)
+    else:
+        raise CifarlabError(f"unknown study {cfg.study!r}")
+    task.data_digest = data_digest(data)  # saved in last.pt: a resume must train on the same images
+    return task
