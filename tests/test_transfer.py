@@ -210,3 +210,9 @@ def test_eval_and_features_need_no_weights_file_and_the_path_is_recorded_absolut
     # a resume loads the backbone from last.pt too, and still says where its weights came from
     _, summary = train(transfer_cfg(), resume=run.path, overrides={"steps": 7}, progress=False, data=data)
     assert summary["steps"] == 7 and "lite 0.pth" in summary["backbone_weights"]
+    last = run.path / "checkpoints" / "last.pt"  # as saved by a version that did not record the source
+    state = torch.load(last, weights_only=True)
+    del state["task"]["weights_source"]
+    torch.save(state, last)
+    _, summary = train(transfer_cfg(), resume=run.path, overrides={"steps": 9}, progress=False, data=data)
+    assert "lite 0.pth" in summary["backbone_weights"]  # the config's record, not the random init built

@@ -21,7 +21,6 @@ def image_formats() -> list[str]:
     program it runs is installed."""
     import shutil
 
-    import matplotlib
     from matplotlib.backend_bases import FigureCanvasBase
 
     types = FigureCanvasBase.get_supported_filetypes()

@@ -244,11 +244,14 @@ class TransferTask(ClassifierTask):
     pool5 features are computed once, and the head trains on them at head speed.
     """
 
-    def __init__(self, cfg: Config, data: Cifar10, device: torch.device, autocast, progress: bool = True):
+    def __init__(self, cfg: Config, data: Cifar10, device: torch.device, autocast, progress: bool = True,
+                 load_weights: bool = True):
+        """`load_weights` False: the backbone starts random, for a checkpoint to replace (see build_task)."""
         self.cfg, self.autocast = cfg, autocast
         fmt = pick_memory_format(device, cfg.memory_format)
         self.splits = device_splits(cfg, data, device, fmt, center=False)  # the backbone normalises
-        backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.input_size, progress=progress)
+        backbone = build_backbone(cfg.backbone, cfg.backbone_weights if load_weights else "none", cfg.input_size,
+                                  progress=progress)
         head = OrderedDict(  # the head's layers and init as study 1
             fc1=fc_block(backbone.out_features, 384, cfg.dropout),
             fc2=fc_block(384, 192, cfg.dropout),
@@ -336,8 +339,6 @@ def build_task(cfg: Config, device: torch.device, autocast, data: Cifar10 | None
     `for_checkpoint`: a checkpoint will replace every weight (eval, features), so a transfer
     run's backbone is built without its pretrained file, which may have moved or be a download
     away; the checkpoint holds the backbone, its input normalisation included."""
-    if for_checkpoint and cfg.study == "transfer":
-        cfg = cfg.replace(backbone_weights="none")
     if data is None:
         data = load_cifar10(cfg.data or None, progress=progress)
     torch.manual_seed(cfg.seed)  # model init depends on the seed alone
@@ -346,7 +347,7 @@ def build_task(cfg: Config, device: torch.device, autocast, data: Cifar10 | None
     elif cfg.study == "siamese":
         task = SiameseTask(cfg, data, device, autocast)
     elif cfg.study == "transfer":
-        task = TransferTask(cfg, data, device, autocast, progress=progress)
+        task = TransferTask(cfg, data, device, autocast, progress=progress, load_weights=not for_checkpoint)
     else:
         raise CifarlabError(f"unknown study {cfg.study!r}")
     task.data_digest = data_digest(data)  # saved in last.pt: a resume must train on the same images
