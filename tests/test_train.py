@@ -70,6 +70,24 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert metric_values(resumed.path) == metric_values(full.path)
 
 
+def test_a_run_saved_with_a_capturable_adam_resumes_on_the_cpu(tmp_path):
+    """A run trained on a GPU saves Adam as capturable (for its CUDA graph); its settings must not
+    come back with the state on a CPU, where a capturable Adam refuses to step."""
+    data = synthetic_cifar()
+    cfg = small_cfg(dropout=0.3)
+    full, _ = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
+    first, _ = train(cfg.replace(steps=20), out=str(tmp_path / "part"), progress=False, data=data)
+    last = first.path / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group.update(capturable=True, foreach=None)
+    torch.save(state, last)
+    resumed, _ = train(cfg, resume=first.path, overrides={"steps": 40}, progress=False, data=data)
+    assert metric_values(resumed.path) == metric_values(full.path)
+    groups = torch.load(last, weights_only=True)["optimizer"]["param_groups"]
+    assert [g["capturable"] for g in groups] == [False] * len(groups)
+
+
 class InterruptAt:
     """Wraps a task and sends the process SIGINT when a given step's batch is drawn."""
 

@@ -416,7 +416,9 @@ class Trainer:
         self.step = int(state["step"])
         self.clock = {"prepare": 0.0, **{k: float(v) for k, v in state["clock"].items()}}
         self._prepare()  # the optimizer must have the groups it had when saved (and a cache may be built)
-        load_state(self.optimizer, state["optimizer"], last, "it belongs to another run: train this one anew")
+        load_state(self.optimizer, self._in_this_process(state["optimizer"]), last,
+                   "it belongs to another run: train this one anew")
+        self._place_step_counts()
         self.runner.load_state_dict(state["accumulators"])
         ranks = state.get("rng_ranks", [])
         if len(ranks) == self.group.world_size > 1:
@@ -427,6 +429,32 @@ class Trainer:
             self.task.load_resume_state(state["task"])
         if self.group.is_main:
             self.run.truncate_metrics(self.step)
+
+    _IMPLEMENTATION = ("capturable", "foreach", "fused")
+
+    def _in_this_process(self, saved: dict) -> dict:
+        """The saved optimizer state with Adam's implementation flags as this process set them.
+
+        load_state_dict takes every saved group setting, these too: a run saved on a GPU (Adam
+        capturable, for the CUDA graph) would then fail on a CPU, and one saved on a CPU could not
+        be captured on a GPU. They say how Adam runs here, not what the run is."""
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(groups, list) or len(groups) != len(self.optimizer.param_groups):
+            return saved  # load_state reports the mismatch
+        here = [{key: mine[key] for key in self._IMPLEMENTATION if key in mine} for mine in self.optimizer.param_groups]
+        return {**saved, "param_groups": [{**group, **flags} if isinstance(group, dict) else group
+                                          for group, flags in zip(groups, here)]}
+
+    def _place_step_counts(self) -> None:
+        """Adam's step counts where its implementation wants them: on the parameters' device when
+        capturable or fused, else on the CPU (torch keeps a loaded count on the device the file
+        was mapped to, and a count on a GPU costs a host sync each step)."""
+        for group in self.optimizer.param_groups:
+            on_device = group.get("capturable") or group.get("fused")
+            for p in group["params"]:
+                st = self.optimizer.state.get(p, {})
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
 
     # -- logging -----------------------------------------------------------------------------
     def _tb(self):
