@@ -8,12 +8,14 @@
 # DATA_DIR holds cifar10-jpeg.npz and unpack_cifar10.py; WHEEL_DIR the .whl files; results,
 # the report and logs go to OUT_DIR. The script aims to end within SECONDS (default 540): every
 # step's time limit is cut to what is left (less what step 4 needs to wrap up), and a step with
-# too little time is skipped and says so. PARTS (default 0123s4) picks the steps:
+# too little time is skipped and says so. PARTS (default 0123cs4) picks the steps:
 #   0. the CUDA-only tests (graph capture and its fallback)
 #   1. step time: cifarlab (fp32 graph, no graph, bf16) against the plain PyTorch loop; then
 #      where the step's GPU time goes (the top kernels of the ConvNet, Siamese and Lite0 steps)
 #   p. only the second half of 1: the kernel profiles (PARTS=0p: the tests and the profiles)
 #   2. the default 15,000-step ConvNet run, fp32 and bf16: test accuracy and training time
+#   c. torch.compile (--compile): step time of the compiled step at batch 128, fp32 and bf16, in the CUDA
+#      graph, against the graph alone; the compiled bf16 step's kernels; a 15,000-step run compiled in bf16
 #   3. processes at once on the GPU (aggregate steps/s for 1, 2, 4): the --jobs choice;
 #      the same with threads on CUDA streams of one process, for comparison
 #   s. several ConvNets trained as one stacked model (grouped convolutions, batched matmuls):
@@ -27,7 +29,7 @@
 # QUICK=1 runs the same script with tiny step counts on the CPU: a check of the script itself.
 set -uo pipefail
 data_in=$1 wheels=$2 out=$3 total=${4:-540}
-parts=${PARTS:-0123s4}
+parts=${PARTS:-0123cs4}
 t0=$(date +%s)
 wrap_up=75  # what step 4 needs after its Ctrl-C: the runs saving (30 s at most), then the report
 left() { echo $(( total - ($(date +%s) - t0) )); }
@@ -86,15 +88,15 @@ if wants 1 || wants p; then
     done
 fi
 
-if wants 2; then
-    echo "== 2. classifier-b128, 15,000 steps"
-    for precision in fp32 bf16; do
-        rm -rf "$work/runs/b128-$precision" "$out/b128-$precision-summary.json"
-        limited 90 python3 -m cifarlab train classifier --preset classifier-b128 --data "$data" \
-            --precision "$precision" --device "$device" ${b128[@]+"${b128[@]}"} --out "$work/runs/b128-$precision" \
-            --quiet > "$out/b128-$precision.log" 2>&1
-        cp "$work/runs/b128-$precision/summary.json" "$out/b128-$precision-summary.json" 2>/dev/null
-        python3 - "$precision" "$out/b128-$precision-summary.json" <<'EOF'
+# default_run NAME FLAGS...: the default 15,000-step ConvNet run with FLAGS, and its summary line
+default_run() {
+    local name=$1
+    shift
+    rm -rf "$work/runs/b128-$name" "$out/b128-$name-summary.json"
+    limited 120 python3 -m cifarlab train classifier --preset classifier-b128 --data "$data" --device "$device" \
+        "$@" ${b128[@]+"${b128[@]}"} --out "$work/runs/b128-$name" --quiet > "$out/b128-$name.log" 2>&1
+    cp "$work/runs/b128-$name/summary.json" "$out/b128-$name-summary.json" 2>/dev/null
+    python3 - "$name" "$out/b128-$name-summary.json" <<'EOF'
 import json, sys
 try:
     s = json.load(open(sys.argv[2]))
@@ -104,7 +106,23 @@ print(f"{sys.argv[1]}: test accuracy {s['final_test_accuracy']:.4f} (best {s['be
       f"training {s['train_seconds']:.1f} s, {s['ms_per_step']:.3f} ms/step, wall {s['wall_seconds']:.1f} s, "
       f"cuda_graph {s.get('cuda_graph')} {s.get('cuda_graph_failure', '')}")
 EOF
-    done
+}
+
+if wants 2; then
+    echo "== 2. classifier-b128, 15,000 steps"
+    default_run fp32 --precision fp32
+    default_run bf16 --precision bf16
+fi
+
+if wants c; then
+    echo "== c. torch.compile'd step (ms/step)"
+    limited 180 python3 benchmarks/step_time.py --data "$data" --device "$device" --steps "$time_steps" --rounds 1 \
+        --batch-sizes 128 --variants channels_last,compile,bf16,compile-bf16 > "$out/step_time-compile.txt" 2>&1
+    tail -10 "$out/step_time-compile.txt"
+    limited 90 python3 benchmarks/profile_step.py --data "$data" --device "$device" --preset classifier-b128 \
+        --steps "$prof_steps" --rows 12 --set compile=true --set precision=bf16 > "$out/profile-compiled.txt" 2>&1
+    grep -m1 "ms/step" "$out/profile-compiled.txt"
+    default_run bf16-compile --precision bf16 --compile
 fi
 
 if wants 3; then

@@ -16,6 +16,7 @@ import argparse
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from concurrent_steps import ready_runner
@@ -50,8 +51,11 @@ def main() -> None:
     events = prof.key_averages()
     busy = sum(getattr(e, key) for e in events) / args.steps / 1000
     where = "GPU kernels" if cuda else "CPU operators"
+    # kernels a step launches: what a CUDA graph replays one after another, each with its own start
+    launches = (f", {sum(e.count for e in events if e.device_type == DeviceType.CUDA) / args.steps:.0f} kernels a step"
+                if cuda else "")
     print(f"{args.preset} on {'cuda' if cuda else 'cpu'}, {args.steps} eager steps under the profiler: "
-          f"{ms:.2f} ms/step, {busy:.2f} ms/step of {where}")
+          f"{ms:.2f} ms/step, {busy:.2f} ms/step of {where}{launches}")
     print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from cifarlab.config import Config
 from cifarlab.data import load_cifar10
-from cifarlab.engine import StepRunner, make_autocast, resolve_device
+from cifarlab.engine import StepRunner, make_adam, make_autocast, resolve_device
 from cifarlab.studies import EpochShuffler, device_splits, pick_memory_format
 from concurrent_steps import ready_runner
 
@@ -100,8 +100,7 @@ class StackedTask:
 def stacked_runner(members: int, cfg: Config, data, device: torch.device, warmup: int = 5):
     """The engine's StepRunner on K stacked members, past warm-up (and the CUDA graph's capture)."""
     task = StackedTask(members, cfg, data, device)
-    optimizer = torch.optim.Adam(task.model.parameters(), lr=cfg.lr, capturable=device.type == "cuda",
-                                 foreach=True)
+    optimizer = make_adam(list(task.model.parameters()), cfg.lr, device, capturable=device.type == "cuda")
     runner = StepRunner(task, optimizer, make_autocast(cfg.precision, device), use_graph=device.type == "cuda")
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for step in range(warmup):

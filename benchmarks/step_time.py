@@ -6,7 +6,7 @@ textbook model (conv -> ReLU -> nn.MaxPool2d(3, 2, padding=1)), NCHW fp32, a Ten
 through its own engine (`Trainer.runner`), exactly as `cifarlab train classifier` steps.
 
     python benchmarks/step_time.py --data DIR [--batch-sizes 64,128] [--steps 40] [--device cpu]
-                                  [--variants channels_last,contiguous,no-graph,bf16,malloc-default]
+                                  [--variants channels_last,contiguous,no-graph,bf16,malloc-default,compile,compile-bf16]
 
 Each configuration is timed in `--rounds` alternating rounds (to share out the machine's
 noise fairly) and the median ms/step is reported. Every timing runs in a fresh process:
@@ -43,6 +43,9 @@ VARIANTS = {
     "bf16": {"memory_format": "channels_last", "precision": "bf16"},
     # glibc's default allocator behaviour: freed activation memory goes back to the OS
     "malloc-default": {"memory_format": "channels_last", "keep_freed_memory": False},
+    # torch.compile'd loss (inductor), inside the CUDA graph on a GPU; warm-up steps take the compile
+    "compile": {"memory_format": "channels_last", "compile": True},
+    "compile-bf16": {"memory_format": "channels_last", "compile": True, "precision": "bf16"},
 }
 PLAIN = "plain loop (DataLoader)"
 

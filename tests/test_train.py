@@ -88,6 +88,55 @@ def test_a_run_saved_with_a_capturable_adam_resumes_on_the_cpu(tmp_path):
     assert [g["capturable"] for g in groups] == [False] * len(groups)
 
 
+@pytest.fixture
+def traced_losses(monkeypatch):
+    """torch.compile with a backend that records what dynamo traced and runs it as traced: the
+    engine's use of torch.compile is tested, not inductor's code generation (a minute a model)."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=backend, **kw))
+    return graphs
+
+
+def test_a_compiled_step_trains_as_the_eager_one(tmp_path, traced_losses):
+    data = synthetic_cifar()
+    cfg = small_cfg(steps=20, weight_decay=0.01)
+    eager, _ = train(cfg, out=str(tmp_path / "eager"), progress=False, data=data)
+    assert not traced_losses
+    compiled, summary = train(cfg.replace(compile=True), out=str(tmp_path / "compiled"), progress=False, data=data)
+    assert len(traced_losses) == 1, "the loss should trace as one graph, no breaks"
+    ops = {node.target for node in traced_losses[0].graph.nodes if node.op == "call_function"}
+    assert torch.conv2d in ops or any("conv" in str(op) for op in ops)
+    for (step, split, loss, acc), (step2, split2, loss2, acc2) in zip(metric_values(eager.path),
+                                                                     metric_values(compiled.path), strict=True):
+        assert (step, split) == (step2, split2)
+        assert float(loss2) == pytest.approx(float(loss), rel=1e-4)
+    assert load_config(compiled.path / "config.toml").compile is True
+
+
+def test_a_step_torch_compile_cannot_compile_is_one_clear_error(tmp_path, monkeypatch):
+    def failing_compile(fn, **kw):
+        def compiled(*args):
+            raise RuntimeError("backend 'inductor' failed: no C++ compiler\nlong trace")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    with pytest.raises(CifarlabError, match=r"torch.compile could not compile the training step "
+                                            r"\(RuntimeError: backend 'inductor' failed: no C\+\+ compiler\); "
+                                            r"train without --compile"):
+        train(small_cfg(steps=4, compile=True), out=str(tmp_path / "run"), progress=False, data=synthetic_cifar())
+
+
+def test_compile_and_distributed_together_are_refused():
+    with pytest.raises(CifarlabError, match="compile is not supported with distributed"):
+        Config(compile=True, distributed=True).validate()
+
+
 class InterruptAt:
     """Wraps a task and sends the process SIGINT when a given step's batch is drawn."""
 

@@ -25,7 +25,7 @@ READ_BY = {
 }
 # Settings that say where and how a run runs, not what it is: a resumed run runs under the
 # resuming call's. With `steps` and `distributed`, they may differ without making it another run.
-WHERE_AND_HOW = ("data", "device", "tensorboard", "cuda_graph")
+WHERE_AND_HOW = ("data", "device", "tensorboard", "cuda_graph", "compile")
 NOT_IDENTITY = frozenset({"steps", "distributed", *WHERE_AND_HOW})
 # Settings that say where or how a run ran, not what it trained: left out when runs are compared.
 NOT_COMPARED = frozenset({"distributed", "memory_format", "feature_cache", *WHERE_AND_HOW})
@@ -69,6 +69,7 @@ class Config:
     precision: str = "fp32"
     memory_format: str = "auto"
     cuda_graph: bool = True
+    compile: bool = False  # torch.compile the training step's loss (off: slower on a CPU, measured)
     tensorboard: bool = True
     distributed: bool = False  # one of several torchrun processes (DDP); recorded, but a resume sets it anew
 
@@ -101,6 +102,7 @@ class Config:
         need(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16 (got {self.precision!r})")
         need(self.memory_format in ("auto", "channels_last", "contiguous"),
              f"memory_format must be auto, channels_last or contiguous (got {self.memory_format!r})")
+        need(not (self.compile and self.distributed), "compile is not supported with distributed training; drop one")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -131,6 +131,15 @@ def make_autocast(precision: str, device: torch.device):
     return nullcontext
 
 
+def make_adam(params, lr: float, device: torch.device, capturable: bool) -> torch.optim.Adam:
+    """The engine's Adam. On a GPU its fused form: two launches a step for all parameters, step
+    counts on the device (so a CUDA graph can hold it), where the capturable foreach form makes
+    seventeen (torch 2.13). On a CPU the foreach form."""
+    fused = device.type == "cuda"
+    return torch.optim.Adam(params, lr=lr, capturable=capturable, foreach=None if fused else True,
+                            fused=True if fused else None)
+
+
 class StepRunner:
     """Runs one training step, eagerly or as a captured CUDA graph.
 
@@ -141,11 +150,16 @@ class StepRunner:
     """
 
     def __init__(self, task: Task, optimizer: torch.optim.Optimizer, autocast, use_graph: bool,
-                 group: Solo | None = None):
+                 group: Solo | None = None, compile_loss: bool = False):
+        """`compile_loss`: run the task's loss (forward, and backward through AOTAutograd) as
+        torch.compile'd code; inside the CUDA graph when there is one."""
         self.task, self.optimizer, self.autocast = task, optimizer, autocast
         self.device = device = next(task.model.parameters()).device
         self.group = group or Solo(device)
-        self.forward = self.group.wrap(task)  # task.train_loss, or it through DDP
+        self.compile_loss = compile_loss
+        self._compile_unproven = compile_loss  # until a compiled step has run
+        self.forward = None
+        self.wrap_anew()
         self.loss_sum = torch.zeros((), device=device)
         self.correct_sum = torch.zeros((), device=device)
         self.examples = 0
@@ -155,7 +169,31 @@ class StepRunner:
         self.static_inputs: tuple[torch.Tensor, ...] = ()
         self.graph_failure: str | None = None  # why the step runs eagerly although a graph was asked for
 
+    @property
+    def compile_pending(self) -> bool:
+        """Whether the next step compiles (its first with --compile)."""
+        return self._compile_unproven
+
+    def wrap_anew(self) -> None:
+        """The step's loss: task.train_loss, through DDP under --distributed, compiled if asked.
+        DDP fixes its parameters when built, so this runs again when more parameters train."""
+        self.forward = None  # drop the old DDP wrapper before the new one registers its hooks
+        forward = self.group.wrap(self.task)
+        self.forward = torch.compile(forward) if self.compile_loss else forward
+        self._compile_unproven = self.compile_loss
+
     def _step(self, inputs: tuple[torch.Tensor, ...]) -> int:
+        if not self._compile_unproven:
+            return self._eager_step(inputs)
+        try:  # the first call compiles: a failure there is torch.compile's, said as such
+            n = self._eager_step(inputs)
+        except Exception as err:
+            raise CifarlabError(f"torch.compile could not compile the training step ({_first_cause(err)}); "
+                                "train without --compile (reproduce: --set compile=false)") from err
+        self._compile_unproven = False
+        return n
+
+    def _eager_step(self, inputs: tuple[torch.Tensor, ...]) -> int:
         self.optimizer.zero_grad(set_to_none=not self.use_graph)
         with self.autocast():
             loss, correct, n = self.forward(*inputs)
@@ -334,12 +372,11 @@ class Trainer:
         self.model = task.model
         if self.group.rank:  # a dropout stream of its own; the model was built from cfg.seed on every rank
             torch.manual_seed(cfg.seed * 1_000_003 + self.group.rank)
-        self.optimizer = torch.optim.Adam(
-            [p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
-            capturable=self._use_graph(), foreach=True,
-        )
+        self.optimizer = make_adam([p for p in self.model.parameters() if p.requires_grad], cfg.lr, device,
+                                   capturable=self._use_graph())
         self.autocast = make_autocast(cfg.precision, device)
-        self.runner = StepRunner(task, self.optimizer, self.autocast, self._use_graph(), self.group)
+        self.runner = StepRunner(task, self.optimizer, self.autocast, self._use_graph(), self.group,
+                                 compile_loss=cfg.compile)
         self.step = 0
         self.writer = None
         # cumulative over resumes: time in fit()'s loop, the part of it spent evaluating/logging,
@@ -355,8 +392,7 @@ class Trainer:
         if more:
             self.optimizer.add_param_group({"params": more})
             self.runner.graph = None
-            self.runner.forward = None  # DDP fixes its parameters when built: drop it, wrap anew
-            self.runner.forward = self.group.wrap(self.task)
+            self.runner.wrap_anew()
 
     def _prepare(self) -> None:
         """_sync_phase before the loop (at the start of fit, or of a resume), timed as one-off work."""
@@ -506,6 +542,9 @@ class Trainer:
         self._prepare()
         self._started = time.perf_counter()
         bar = _progress(cfg.steps, self.step, self.progress, self.run.name)
+        compiling = bar is not None and self.runner.compile_pending
+        if compiling:  # the first step runs torch.compile: a minute with the bar standing still
+            bar.set_postfix_str("compiling the step (torch.compile)", refresh=True)
         last = {}
         tick_at = time.perf_counter()
         try:
@@ -514,6 +553,9 @@ class Trainer:
                     self._sync_phase()
                     self.runner.run(self.step)
                     self.step += 1
+                    if compiling:
+                        bar.set_postfix_str("", refresh=False)
+                        compiling = False
                     log_now = self.step % cfg.eval_every == 0 or self.step == cfg.steps
                     ckpt_now = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
                     if log_now:
