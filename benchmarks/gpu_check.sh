@@ -67,7 +67,7 @@ echo "set-up: $(( $(date +%s) - t0 )) s"
 
 if wants 0; then
     echo "== 0. CUDA-only tests"
-    limited 90 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k "on_cuda or captured" \
+    limited 240 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k "on_cuda or captured" \
         > "$out/cuda-tests.txt" 2>&1
     tail -3 "$out/cuda-tests.txt"
 fi
@@ -88,12 +88,12 @@ if wants 1 || wants p; then
     done
 fi
 
-# default_run NAME FLAGS...: the default 15,000-step ConvNet run with FLAGS, and its summary line
+# default_run NAME SECONDS FLAGS...: the default 15,000-step ConvNet run with FLAGS, and its summary line
 default_run() {
-    local name=$1
-    shift
+    local name=$1 limit=$2
+    shift 2
     rm -rf "$work/runs/b128-$name" "$out/b128-$name-summary.json"
-    limited 120 python3 -m cifarlab train classifier --preset classifier-b128 --data "$data" --device "$device" \
+    limited "$limit" python3 -m cifarlab train classifier --preset classifier-b128 --data "$data" --device "$device" \
         "$@" ${b128[@]+"${b128[@]}"} --out "$work/runs/b128-$name" --quiet > "$out/b128-$name.log" 2>&1
     cp "$work/runs/b128-$name/summary.json" "$out/b128-$name-summary.json" 2>/dev/null
     python3 - "$name" "$out/b128-$name-summary.json" <<'EOF'
@@ -110,8 +110,8 @@ EOF
 
 if wants 2; then
     echo "== 2. classifier-b128, 15,000 steps"
-    default_run fp32 --precision fp32
-    default_run bf16 --precision bf16
+    default_run fp32 90 --precision fp32
+    default_run bf16 90 --precision bf16
 fi
 
 if wants c; then
@@ -122,7 +122,7 @@ if wants c; then
     limited 90 python3 benchmarks/profile_step.py --data "$data" --device "$device" --preset classifier-b128 \
         --steps "$prof_steps" --rows 12 --set compile=true --set precision=bf16 > "$out/profile-compiled.txt" 2>&1
     grep -m1 "ms/step" "$out/profile-compiled.txt"
-    default_run bf16-compile --precision bf16 --compile
+    default_run bf16-compile 120 --precision bf16 --compile  # with the compile
 fi
 
 if wants 3; then

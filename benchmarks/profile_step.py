@@ -51,9 +51,10 @@ def main() -> None:
     events = prof.key_averages()
     busy = sum(getattr(e, key) for e in events) / args.steps / 1000
     where = "GPU kernels" if cuda else "CPU operators"
-    # kernels a step launches: what a CUDA graph replays one after another, each with its own start
-    launches = (f", {sum(e.count for e in events if e.device_type == DeviceType.CUDA) / args.steps:.0f} kernels a step"
-                if cuda else "")
+    # kernels a step launches (copies and memsets left out): what a CUDA graph replays one after another
+    kernels = sum(e.count for e in events if e.device_type == DeviceType.CUDA
+                  and not e.key.startswith(("Memcpy", "Memset")))
+    launches = f", {kernels / args.steps:.0f} kernels a step" if cuda else ""
     print(f"{args.preset} on {'cuda' if cuda else 'cpu'}, {args.steps} eager steps under the profiler: "
           f"{ms:.2f} ms/step, {busy:.2f} ms/step of {where}{launches}")
     print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=70))

@@ -91,12 +91,18 @@ def test_feature_cache_gives_the_uncached_head_outputs(tmp_path, data):
         assert float(r1[2]) == pytest.approx(float(r2[2]), rel=1e-4)
 
 
-def test_transfer_resume_across_k_equals_uninterrupted(tmp_path, data):
-    cfg = transfer_cfg(refine_after=4)
+@pytest.mark.parametrize("k", [4, 5])
+def test_transfer_resume_across_k_equals_uninterrupted(tmp_path, data, k):
+    """Cut at step 5: after K=4 the backbone's Adam group is in last.pt; at K=5 it has not joined
+    yet when the checkpoint is saved, and the resume adds it at K as the uninterrupted run does."""
+    cfg = transfer_cfg(refine_after=k)
     full, _ = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
     part, _ = train(cfg.replace(steps=5), out=str(tmp_path / "part"), progress=False, data=data)
     resumed, _ = train(cfg, resume=part.path, overrides={"steps": 10}, progress=False, data=data)
     assert metric_values(resumed.path) == metric_values(full.path)
+    refined, expected = backbone_state(resumed.path, 10), backbone_state(full.path, 10)
+    assert refined.keys() == expected.keys() and all(torch.equal(refined[name], expected[name]) for name in expected)
+    assert not all(torch.equal(refined[name], v) for name, v in backbone_state(part.path, 5).items()), "no refining"
 
 
 def test_eval_of_a_refined_run_scores_the_refined_backbone(tmp_path, data):

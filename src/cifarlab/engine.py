@@ -132,9 +132,10 @@ def make_autocast(precision: str, device: torch.device):
 
 
 def make_adam(params, lr: float, device: torch.device, capturable: bool) -> torch.optim.Adam:
-    """The engine's Adam. On a GPU its fused form: two launches a step for all parameters, step
-    counts on the device (so a CUDA graph can hold it), where the capturable foreach form makes
-    seventeen (torch 2.13). On a CPU the foreach form."""
+    """The engine's Adam. On a GPU its fused form: the whole update in one multi-tensor kernel
+    (and one to count the step), step counts on the device so that a CUDA graph can hold it; the
+    capturable foreach form runs seventeen multi-tensor operations (torch 2.13). On a CPU the
+    foreach form."""
     fused = device.type == "cuda"
     return torch.optim.Adam(params, lr=lr, capturable=capturable, foreach=None if fused else True,
                             fused=True if fused else None)
@@ -157,7 +158,7 @@ class StepRunner:
         self.device = device = next(task.model.parameters()).device
         self.group = group or Solo(device)
         self.compile_loss = compile_loss
-        self._compile_unproven = compile_loss  # until a compiled step has run
+        self.compile_pending = compile_loss  # the next step compiles (the first, and after a new phase)
         self.forward = None
         self.wrap_anew()
         self.loss_sum = torch.zeros((), device=device)
@@ -169,28 +170,25 @@ class StepRunner:
         self.static_inputs: tuple[torch.Tensor, ...] = ()
         self.graph_failure: str | None = None  # why the step runs eagerly although a graph was asked for
 
-    @property
-    def compile_pending(self) -> bool:
-        """Whether the next step compiles (its first with --compile)."""
-        return self._compile_unproven
-
     def wrap_anew(self) -> None:
         """The step's loss: task.train_loss, through DDP under --distributed, compiled if asked.
         DDP fixes its parameters when built, so this runs again when more parameters train."""
         self.forward = None  # drop the old DDP wrapper before the new one registers its hooks
         forward = self.group.wrap(self.task)
         self.forward = torch.compile(forward) if self.compile_loss else forward
-        self._compile_unproven = self.compile_loss
+        self.compile_pending = self.compile_loss
 
     def _step(self, inputs: tuple[torch.Tensor, ...]) -> int:
-        if not self._compile_unproven:
+        if not self.compile_loss:
             return self._eager_step(inputs)
-        try:  # the first call compiles: a failure there is torch.compile's, said as such
+        from torch._dynamo.exc import TorchDynamoException  # dynamo's, AOTAutograd's and inductor's errors
+
+        try:  # other errors (out of memory, a task's own) are not torch.compile's: they pass unchanged
             n = self._eager_step(inputs)
-        except Exception as err:
+        except TorchDynamoException as err:
             raise CifarlabError(f"torch.compile could not compile the training step ({_first_cause(err)}); "
                                 "train without --compile (reproduce: --set compile=false)") from err
-        self._compile_unproven = False
+        self.compile_pending = False
         return n
 
     def _eager_step(self, inputs: tuple[torch.Tensor, ...]) -> int:
@@ -325,7 +323,9 @@ def _first_cause(err: BaseException) -> str:
     """The error at the root of a chain (CUDA reports a failed capture as a second error raised
     while handling the first), as 'Type: first line'."""
     for _ in range(10):
-        inner = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        # torch.compile's BackendCompilerFailed holds its cause as inner_exception, raised `from None`
+        inner = (getattr(err, "inner_exception", None) or err.__cause__
+                 or (None if err.__suppress_context__ else err.__context__))
         if inner is None:
             break
         err = inner
@@ -451,10 +451,19 @@ class Trainer:
         load_state(self.model, state["model"], last, "it belongs to another run: train this one anew")
         self.step = int(state["step"])
         self.clock = {"prepare": 0.0, **{k: float(v) for k, v in state["clock"].items()}}
-        self._prepare()  # the optimizer must have the groups it had when saved (and a cache may be built)
+        # The optimizer must have the groups it had when saved. A checkpoint at step K (refine
+        # after K) was saved before the backbone's group joined: load it first, then let
+        # _prepare add that group fresh, as the uninterrupted run does at K. Saved later, the
+        # group was in it: _prepare adds it, then the load fills it. (_prepare may build a cache.)
+        saved_groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
+        load_first = isinstance(saved_groups, list) and len(saved_groups) == len(self.optimizer.param_groups)
+        if not load_first:
+            self._prepare()
         load_state(self.optimizer, self._in_this_process(state["optimizer"]), last,
                    "it belongs to another run: train this one anew")
         self._place_step_counts()
+        if load_first:
+            self._prepare()
         self.runner.load_state_dict(state["accumulators"])
         ranks = state.get("rng_ranks", [])
         if len(ranks) == self.group.world_size > 1:
@@ -542,20 +551,19 @@ class Trainer:
         self._prepare()
         self._started = time.perf_counter()
         bar = _progress(cfg.steps, self.step, self.progress, self.run.name)
-        compiling = bar is not None and self.runner.compile_pending
-        if compiling:  # the first step runs torch.compile: a minute with the bar standing still
-            bar.set_postfix_str("compiling the step (torch.compile)", refresh=True)
         last = {}
         tick_at = time.perf_counter()
         try:
             with _InterruptFlag(enabled=not self.group.distributed) as interrupt:
                 while self.step < cfg.steps:
                     self._sync_phase()
+                    compiling = bar is not None and self.runner.compile_pending
+                    if compiling:  # torch.compile at work: half a minute or more with the bar standing still
+                        bar.set_postfix_str("compiling the step (torch.compile)", refresh=True)
                     self.runner.run(self.step)
                     self.step += 1
                     if compiling:
-                        bar.set_postfix_str("", refresh=False)
-                        compiling = False
+                        bar.set_postfix(_postfix(last) if last else {}, refresh=False)
                     log_now = self.step % cfg.eval_every == 0 or self.step == cfg.steps
                     ckpt_now = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
                     if log_now:
