@@ -413,7 +413,7 @@ def test_on_cuda_runs_resume_across_devices_and_a_compiled_step_is_captured(tmp_
     compiled, summary = train(cfg.replace(device="cuda", compile=True), out=str(tmp_path / "compiled"),
                               progress=False, data=data)
     assert summary["cuda_graph"] is True, summary.get("cuda_graph_failure")
-    assert_close(compiled, on_gpu)  # inductor fuses other kernels: equal up to rounding
+    assert_close(compiled, on_gpu, loss_tol=5e-3, acc_tol=0.03)  # inductor's own kernels round otherwise
     torch.cuda.empty_cache()
 
 
