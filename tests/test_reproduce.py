@@ -238,6 +238,19 @@ def test_interrupted_runs_resume_and_foreign_ones_are_refused(tmp_path, training
     assert not (tmp_path / "weights").exists()
 
 
+def test_a_long_note_rows_share_is_said_once_below_the_table():
+    from cifarlab.report import Row, Table
+
+    plain = "300 steps; best 0.3217 at step 300; run with precision 'bf16' (the preset's 'fp32'), shared"
+    skipped = "skipped: backbone weights unavailable (could not download them, and no file was given here)"
+    rows = [Row("a", 0.7, 0.3, plain), Row("b", 0.7, 0.3, plain), Row("c", None, None, skipped),
+            Row("d", None, None, skipped), Row("e", 0.7, 0.2, "short")]
+    table = Table("t", "", rows).shorten_shared_notes()
+    assert [r.note for r in table.rows] == ["see note 1 below", "see note 1 below", "skipped: see note 2 below",
+                                            "skipped: see note 2 below", "short"]
+    assert table.notes == [plain, skipped]
+
+
 def test_missing_backbone_weights_skip_the_transfer_runs(tmp_path, monkeypatch):
     import cifarlab.backbones as backbones
 

@@ -46,13 +46,16 @@ class Table:
     notes: list[str] = field(default_factory=list)  # long reasons shared by rows, said once
 
     def shorten_shared_notes(self) -> "Table":
-        """A reason several rows share (a skipped backbone's full message) moves below the table."""
+        """A long note several rows share (a skipped backbone's full message) moves below the
+        table; the rows keep its short lead ("skipped: see note 1 below") if it has one."""
         counts = {note: sum(r.note == note for r in self.rows) for note in {r.note for r in self.rows}}
         for row in self.rows:
             if counts[row.note] > 1 and len(row.note) > 80:
                 if row.note not in self.notes:
                     self.notes.append(row.note)
-                row.note = f"{row.note.split(':')[0]}: see note {self.notes.index(row.note) + 1} below"
+                lead, colon, _ = row.note.partition(":")
+                lead = f"{lead}: " if colon and len(lead) <= 40 else ""
+                row.note = f"{lead}see note {self.notes.index(row.note) + 1} below"
         return self
 
 
