@@ -55,7 +55,7 @@ def _shared_train_flags(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
     precision: Annotated[Optional[str], typer.Option(
         help="fp32, or bf16 (autocast): for GPUs, and CPUs that compute bf16 natively "
-        "(AVX-512 BF16, AMX: 1.7x faster on one, see README). [default: fp32]")] = None,
+        "(AVX-512 BF16, AMX: the ConvNet 1.7x faster on one, Lite0 slower; see README). [default: fp32]")] = None,
     memory_format: Annotated[Optional[str], typer.Option(
         help="auto (= channels_last, measured faster on CPU and GPU), channels_last or contiguous.")] = None,
     cuda_graph: Annotated[Optional[bool], typer.Option(
