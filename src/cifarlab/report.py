@@ -54,7 +54,7 @@ class Table:
                 if row.note not in self.notes:
                     self.notes.append(row.note)
                 lead, colon, _ = row.note.partition(":")
-                lead = f"{lead}: " if colon and len(lead) <= 40 else ""
+                lead = f"{lead}: " if colon else ""
                 row.note = f"{lead}see note {self.notes.index(row.note) + 1} below"
         return self
 
