@@ -319,6 +319,12 @@ class StepRunner:
             self.examples = int(state["examples"])
 
 
+def _param_groups(saved) -> list | None:
+    """A saved optimizer state's param_groups, None when it has none to read (load_state says why)."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    return groups if isinstance(groups, list) else None
+
+
 def _first_cause(err: BaseException) -> str:
     """The error at the root of a chain (CUDA reports a failed capture as a second error raised
     while handling the first), as 'Type: first line'."""
@@ -455,13 +461,12 @@ class Trainer:
         # after K) was saved before the backbone's group joined: load it first, then let
         # _prepare add that group fresh, as the uninterrupted run does at K. Saved later, the
         # group was in it: _prepare adds it, then the load fills it. (_prepare may build a cache.)
-        saved_groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
-        load_first = isinstance(saved_groups, list) and len(saved_groups) == len(self.optimizer.param_groups)
+        saved_groups = _param_groups(state["optimizer"])
+        load_first = saved_groups is not None and len(saved_groups) == len(self.optimizer.param_groups)
         if not load_first:
             self._prepare()
         load_state(self.optimizer, self._in_this_process(state["optimizer"]), last,
                    "it belongs to another run: train this one anew")
-        self._place_step_counts()
         if load_first:
             self._prepare()
         self.runner.load_state_dict(state["accumulators"])
@@ -482,24 +487,14 @@ class Trainer:
 
         load_state_dict takes every saved group setting, these too: a run saved on a GPU (Adam
         capturable, for the CUDA graph) would then fail on a CPU, and one saved on a CPU could not
-        be captured on a GPU. They say how Adam runs here, not what the run is."""
-        groups = saved.get("param_groups") if isinstance(saved, dict) else None
-        if not isinstance(groups, list) or len(groups) != len(self.optimizer.param_groups):
+        be captured on a GPU. They say how Adam runs here, not what the run is. (load_state_dict
+        then puts the step counts where these flags want them.)"""
+        groups = _param_groups(saved)
+        if groups is None or len(groups) != len(self.optimizer.param_groups):
             return saved  # load_state reports the mismatch
         here = [{key: mine[key] for key in self._IMPLEMENTATION if key in mine} for mine in self.optimizer.param_groups]
         return {**saved, "param_groups": [{**group, **flags} if isinstance(group, dict) else group
                                           for group, flags in zip(groups, here)]}
-
-    def _place_step_counts(self) -> None:
-        """Adam's step counts where its implementation wants them: on the parameters' device when
-        capturable or fused, else on the CPU (torch keeps a loaded count on the device the file
-        was mapped to, and a count on a GPU costs a host sync each step)."""
-        for group in self.optimizer.param_groups:
-            on_device = group.get("capturable") or group.get("fused")
-            for p in group["params"]:
-                st = self.optimizer.state.get(p, {})
-                if torch.is_tensor(st.get("step")):
-                    st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
 
     # -- logging -----------------------------------------------------------------------------
     def _tb(self):

@@ -33,9 +33,9 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
     restart = False  # a run that saved nothing yet (stopped before its first checkpoint) starts anew
     if resume is not None:
         restart = _check_resumable(run, saved, cfg)
-        if not restart and run.saved_step() == cfg.steps and run.summary(cfg.steps):
+        if not restart and run.saved_step() == cfg.steps and (summary := run.summary(cfg.steps)):
             # nothing to train, nothing to rewrite (under torchrun rank 0 alone reports, as fit does)
-            return run, None if cfg.distributed and os.environ.get("RANK", "0") != "0" else run.summary(cfg.steps)
+            return run, None if cfg.distributed and os.environ.get("RANK", "0") != "0" else summary
     with launch(cfg) as group:
         if resume is None:  # rank 0 names it (a time stamp) and checks it is free
             run = group.on_main(lambda: RunDir.create(out, cfg.study))
