@@ -109,6 +109,23 @@ def test_8_bit_grayscale_palette_and_alpha_images_are_converted_to_rgb(tmp_path,
     np.testing.assert_array_equal(ds.train_images[12], expected)
 
 
+def test_a_palette_image_with_transparency_loads_without_a_warning(tmp_path):
+    import warnings
+
+    root = make_image_folders(tmp_path / "data", N)
+    culprit = root / "train" / CLASSES[2] / "0001.png"
+    palette = Image.fromarray(tiny_arrays(N)["train_images"][12]).convert("P")
+    palette.save(culprit, transparency=bytes([0, 128] + [255] * 254))  # byte transparency, as pngquant writes
+    with Image.open(culprit) as im, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert im.mode == "P" and isinstance(im.info.get("transparency"), bytes)
+        expected = np.asarray(im.convert("RGB"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's warning would not say which file it is about
+        ds = load(root, cache=False)
+    np.testing.assert_array_equal(ds.train_images[12], expected)
+
+
 @pytest.mark.parametrize("kind", ["image-folder", "cifar-python", "tar.gz"])
 def test_data_may_point_at_the_layout_itself(tmp_path, kind):
     if kind == "image-folder":
@@ -298,6 +315,45 @@ def test_interrupted_download_leaves_no_archive(tmp_path, monkeypatch, error):
     assert files_under(root) == []
 
 
+def test_a_dropped_connection_is_blamed_on_the_network_not_on_the_archive(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio.urllib.request, "urlopen",
+                        lambda url, timeout: _DyingResponse(ConnectionResetError(104, "Connection reset by peer")))
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as err:
+        download_cifar10(root, progress=False)
+    assert "Connection reset by peer" in str(err.value)
+    assert str(root / ARCHIVE_NAME) not in str(err.value)  # the file it never wrote is not the culprit
+
+
+def test_a_killed_downloads_stale_temporary_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    served, md5 = make_tar(tmp_path / "server", N)
+    monkeypatch.setattr(data, "CIFAR10_URL", served.as_uri())
+    root = tmp_path / "data"
+    root.mkdir()
+    stale, live = root / ".tmp-cifar-10-python.tar-dead1234.gz", root / ".tmp-cifar-10-python.tar-live5678.gz"
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y" * 1000)
+    two_hours_ago = os.stat(stale).st_mtime - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    load_cifar10(root, progress=False, expected_md5=md5)
+    assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("where", ["split", "class", "named-train"])
+def test_data_at_a_split_or_class_folder_is_refused_and_nothing_downloaded(tmp_path, monkeypatch, where):
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", None)  # any download attempt would fail loudly
+    root = make_image_folders(tmp_path / "data", 2)
+    target = {"split": root / "test", "class": root / "test" / "cat", "named-train": tmp_path / "train"}[where]
+    target.mkdir(exist_ok=True)
+    before = files_under(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_cifar10(target, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"{target}: ") and "image-folder layout" in message and "\n" not in message
+    assert "train/<class>/ and test/<class>/" in message
+    assert files_under(tmp_path) == before
+
+
 @pytest.mark.parametrize("failure", ["offline", "interrupted", "wrong-md5"])
 def test_failed_download_removes_only_the_folders_it_made(tmp_path, monkeypatch, failure):
     def offline(url, timeout):
@@ -451,6 +507,47 @@ def test_changes_behind_a_symlinked_class_folder_rebuild_the_cache(tmp_path):
         load(root)
 
 
+def test_a_copy_that_keeps_size_and_mtime_still_rebuilds_the_cache(tmp_path):
+    root = make_image_folders(tmp_path / "data", N)
+    png = root / "train" / CLASSES[0] / "0000.png"
+    load(root)
+    replacement = tmp_path / "other.png"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(replacement)
+    Image.fromarray(np.full((32, 32, 3), 10, np.uint8)).save(png)  # same size as the replacement
+    load(root)
+    assert png.stat().st_size == replacement.stat().st_size
+    before = png.stat()
+    shutil.copy2(replacement, png)  # like cp -p: new content, and then the old mtime back
+    os.utime(png, ns=(before.st_atime_ns, before.st_mtime_ns))
+    ds = load(root)
+    assert not ds.from_cache and ds.train_images[0].min() == 200
+
+
+def test_a_file_name_that_is_not_utf8_is_cached(tmp_path):
+    root = make_image_folders(tmp_path / "data", N)
+    folder = os.fsencode(root / "train" / CLASSES[0])
+    os.rename(os.path.join(folder, b"0000.png"), os.path.join(folder, b"caf\xe9.png"))  # a Latin-1 name
+    first = load(root)
+    assert len(first.train_labels) == 10 * N and first.cache is not None
+    assert load(root).from_cache
+
+
+def test_an_old_cache_that_cannot_be_deleted_does_not_fail_the_load(tmp_path, isolated_cache, monkeypatch):
+    root = make_image_folders(tmp_path / "data", N)
+    first = load(root)
+    (root / "test" / "frog" / "0001.png").touch()
+    real_unlink = Path.unlink
+
+    def refuse_the_old_one(self, missing_ok=False):
+        if self == first.cache:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse_the_old_one)
+    second = load(root)
+    assert not second.from_cache and second.cache.is_file() and first.cache.is_file()
+
+
 def test_changed_pixels_are_picked_up(tmp_path):
     root = make_image_folders(tmp_path / "data", N)
     load(root)
@@ -515,6 +612,24 @@ def _pickle_without_labels(tmp_path):
     root, folder = _pickles(tmp_path)
     dump_pickle({"data": np.zeros((3, 3072), np.uint8)}, folder / "data_batch_2")
     return root, folder / "data_batch_2"
+
+
+def _ragged_batch_data(tmp_path):
+    root, folder = _pickles(tmp_path)
+    dump_pickle({"data": [[1, 2, 3], [4]], "labels": [0, 1]}, folder / "data_batch_2")
+    return root, folder / "data_batch_2"
+
+
+def _label_names_not_a_list(tmp_path):
+    root, folder = _pickles(tmp_path)
+    dump_pickle({"label_names": 10}, folder / "batches.meta")
+    return root, folder / "batches.meta"
+
+
+def _label_names_not_text(tmp_path):
+    root, folder = _pickles(tmp_path)
+    dump_pickle({"label_names": [b"\xff\xfe"] * 10}, folder / "batches.meta")
+    return root, folder / "batches.meta"
 
 
 def _label_out_of_range(tmp_path):
@@ -627,6 +742,9 @@ BAD_INPUTS = [
     _garbage_pickle,
     _pickle_without_labels,
     _label_out_of_range,
+    _ragged_batch_data,
+    _label_names_not_a_list,
+    _label_names_not_text,
     _nine_label_names,
     _no_test_batch,
     _undecodable_image,

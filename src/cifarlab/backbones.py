@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab import CifarlabError
-from cifarlab.fileio import atomic_path, cache_root, stream_url
+from cifarlab.fileio import atomic_path, cache_root, remove_stale_temps, stream_url
 
 BACKBONES = ("vgg16", "efficientnet-lite0")
 # Besides these two words, `weights` may be the path of a weights file.
@@ -311,6 +311,7 @@ def download_vgg16(dest_dir: str | os.PathLike | None = None, *, progress: bool 
     if dest.exists():
         return dest
     try:
+        remove_stale_temps(dest)
         with atomic_path(dest) as tmp:
             actual = stream_url(url, tmp, "sha256", "download VGG-16 weights", progress)
             expected = _expected_hash(dest)

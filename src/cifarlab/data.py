@@ -33,7 +33,7 @@ from PIL import Image, ImageMode
 from tqdm import tqdm
 
 from cifarlab import CifarlabError
-from cifarlab.fileio import atomic_path, cache_root, stream_url, user_cache_root, write_with
+from cifarlab.fileio import atomic_path, cache_root, remove_stale_temps, stream_url, user_cache_root, write_with
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -166,6 +166,13 @@ def _locate(
     """(layout, source, checksum state): an archive is md5-checked; if nothing is there, download."""
     found = find_layout(root)
     if found is None:
+        inside = _inside_image_folders(root)
+        if inside:  # downloading there would mix the archive into the user's image folders
+            raise DataError(
+                f"{root}: {inside}, so it looks like part of an image-folder layout, not a CIFAR-10 "
+                f"folder (nothing was downloaded into it); point --data at the folder that holds "
+                f"train/<class>/ and test/<class>/"
+            )
         if not download:
             raise DataError(_how_to_provide(root, f"no CIFAR-10 data in {root} and downloading is off"))
         # CIFAR10_URL is read at call time so that tests can point it at a local file.
@@ -175,6 +182,27 @@ def _locate(
     if layout == "tar.gz":
         return layout, source, _check_archive(source, expected_md5)
     return layout, source, CHECKSUM_FOLDERS if layout == "image-folder" else CHECKSUM_PICKLES
+
+
+def _inside_image_folders(root: Path) -> str | None:
+    """Why `root` looks like a split or class folder of an image-folder layout (None if not): it is
+    named train/test, or it or a folder in it holds images."""
+    if not root.is_dir():
+        return None
+    if root.name in ("train", "test"):
+        return f"is named {root.name}/"
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
+                    return f"holds images ({entry.name})"
+                if entry.is_dir() and _image_files(Path(entry.path)):
+                    return f"holds folders of images ({entry.name}/)"
+    except OSError:  # unreadable: the load's own error says so
+        return None
+    return None
 
 
 def _how_to_provide(root: Path, why: str, url: str = CIFAR10_URL) -> str:
@@ -239,6 +267,7 @@ def download_cifar10(
     try:
         try:
             _make_folders(root, created)
+            remove_stale_temps(archive)
             with atomic_path(archive) as tmp:
                 actual = stream_url(url, tmp, "md5", "download CIFAR-10", progress)
                 if expected_md5 and actual != expected_md5.lower():
@@ -279,6 +308,7 @@ def _extract(archive: Path) -> Path:
     target = archive.parent / BATCHES_DIR
     if target.is_dir():
         return target
+    remove_stale_temps(archive, prefix=".tmp-extract-")
     try:
         staging = Path(tempfile.mkdtemp(prefix=".tmp-extract-", dir=archive.parent)).resolve()
     except OSError as err:
@@ -376,7 +406,12 @@ def _entry(batch: dict, key: str, path: Path):
 
 def _read_label_names(path: Path) -> tuple[str, ...]:
     names = _entry(_read_pickle(path), "label_names", path)
-    classes = tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names)
+    try:
+        classes = tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names)
+    except (TypeError, UnicodeDecodeError) as err:  # not a list, or names that are not text
+        raise DataError(
+            f"{path}: 'label_names' is not a list of class names ({err}): re-extract the archive"
+        ) from None
     if len(classes) != NUM_CLASSES:
         raise DataError(
             f"{path}: lists {len(classes)} classes, CIFAR-10 has {NUM_CLASSES}: re-extract the archive"
@@ -387,8 +422,11 @@ def _read_label_names(path: Path) -> tuple[str, ...]:
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch as HWC images and labels; the pickles hold CHW-planar rows of 3072 bytes."""
     batch = _read_pickle(path)
-    data = np.asarray(_entry(batch, "data", path))
-    labels = np.asarray(_entry(batch, "labels", path))
+    try:
+        data = np.asarray(_entry(batch, "data", path))
+        labels = np.asarray(_entry(batch, "labels", path))
+    except (TypeError, ValueError) as err:  # ragged lists, say
+        raise DataError(f"{path}: 'data' or 'labels' is not an array ({err}): re-extract the archive") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(
             f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072): "
@@ -477,6 +515,8 @@ def _decode(path: str) -> np.ndarray:
         with Image.open(path) as im:
             deep = _deeper_than_8_bits(im)
             if deep is None:
+                if im.mode == "P" and "transparency" in im.info:
+                    im = im.convert("RGBA")  # P -> RGB directly warns (without the file's name)
                 pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except Exception as err:  # Pillow raises many exception types for damaged files
         raise DataError(f"{path}: cannot decode the image ({err}): replace or remove it") from None
@@ -514,10 +554,18 @@ def _ignore_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _usable_cpus() -> int:
+    """The cores this process may run on (a container or `taskset` may allow fewer than exist)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on macOS or Windows
+        return os.cpu_count() or 1
+
+
 def _decode_all(paths: list[str], desc: str, progress: bool) -> np.ndarray:
     """Decode with a process pool: Pillow parses headers in Python, so threads would hold the GIL."""
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
-    workers = min(os.cpu_count() or 1, len(chunks))
+    workers = min(_usable_cpus(), len(chunks))
     use_pool = len(paths) >= _POOL_MIN_IMAGES and workers > 1
     pool = _process_pool(workers) if use_pool else None
     out = np.empty((len(paths), *IMAGE_SHAPE), np.uint8)
@@ -591,16 +639,20 @@ def _file_stats(top: Path, depth: int) -> list[str]:
                         stats.append(f"{label}/{entry.path[skip:]}/")
                         pending.append((entry.path, level + 1))
                 elif entry.is_file():
+                    # ctime and inode too: a copy that keeps size and mtime (cp -p, rsync -a)
+                    # still makes a new inode and ctime, which nobody can set back
                     st = entry.stat()
-                    stats.append(f"{label}/{entry.path[skip:]}\0{st.st_size}\0{st.st_mtime_ns}")
+                    stats.append(f"{label}/{entry.path[skip:]}\0{st.st_size}\0{st.st_mtime_ns}"
+                                 f"\0{st.st_ctime_ns}\0{st.st_dev}:{st.st_ino}")
     return stats
 
 
 def _cache_file(folder: Path, tops: list[Path], depth: int) -> Path:
     """Name the cache by source path and fingerprint, so any change to the source misses it."""
     stats = sorted(line for top in tops if top.is_dir() for line in _file_stats(top.absolute(), depth))
-    fingerprint = hashlib.sha256("\n".join([f"format {_CACHE_FORMAT}", *stats]).encode()).hexdigest()
-    where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()
+    # os.fsencode: a file name that is not UTF-8 comes back from the OS as surrogate escapes
+    fingerprint = hashlib.sha256(os.fsencode("\n".join([f"format {_CACHE_FORMAT}", *stats]))).hexdigest()
+    where = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()
     return _cache_dir() / f"cifar10-{where[:16]}-{fingerprint[:16]}.npz"
 
 
@@ -653,6 +705,8 @@ def _write_cache(path: Path, arrays: dict) -> str | None:
     Returns None, or why it could not be written, after printing that as one warning line
     (the load goes on without a cache).
     """
+    source_prefix = path.name.rsplit("-", 1)[0]
+    remove_stale_temps(path, prefix=f".tmp-{source_prefix}-")
     try:
         write_with(path, lambda tmp: np.savez(tmp, **{**arrays, "classes": np.array(arrays["classes"])}))
     except OSError as err:
@@ -662,10 +716,12 @@ def _write_cache(path: Path, arrays: dict) -> str | None:
         why = f"cannot write the decoded cache at {path.parent} ({reason})"
         print(f"warning: {why}; decoding every time", file=sys.stderr)
         return why
-    source_prefix = path.name.rsplit("-", 1)[0]
     for old in path.parent.glob(f"{source_prefix}-*.npz"):
         if old != path:
-            old.unlink(missing_ok=True)
+            try:
+                old.unlink(missing_ok=True)
+            except OSError:  # another user's, in a shared cache folder: only a stale file left
+                pass
     return None
 
 

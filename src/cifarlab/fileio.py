@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
+import shutil
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -53,6 +56,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temps(path: str | os.PathLike, prefix: str | None = None, older_than: float = 3600) -> None:
+    """Remove what a killed writer of `path` left: its temporaries (atomic_path's names, or
+    `prefix`*, files or folders) untouched for `older_than` seconds. A live writer keeps its
+    temporary's mtime fresh; those of big downloads and caches would otherwise stay for good."""
+    path = Path(path)
+    pattern = f"{prefix}*" if prefix else f".tmp-{path.stem}-*{path.suffix}"
+    now = time.time()
+    for stale in path.parent.glob(pattern):
+        try:
+            if now - stale.lstat().st_mtime < older_than:
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        except OSError:  # another user's, or gone meanwhile
+            continue
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -107,18 +129,38 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else user_cache_root()
 
 
+class NetworkError(OSError):
+    """The connection failed (not the disk): no errno, so atomic_path does not pin it on the file."""
+
+
+@contextlib.contextmanager
+def _network(url: str) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, http.client.HTTPException) as err:
+        reason = getattr(err, "reason", None) or err  # URLError wraps the socket's error
+        raise NetworkError(str(reason) or type(err).__name__) from err
+
+
 def stream_url(url: str, dest: Path, hash_name: str, desc: str, progress: bool) -> str:
     """Copy `url` to `dest` with a progress bar; return the hex digest (`hash_name`) of what arrived.
 
     Callers pass a temporary `dest` from atomic_path and check the digest before it is renamed.
+    A failed connection raises NetworkError; a failed write, an OSError about `dest`.
     """
     from tqdm import tqdm
 
     digest = hashlib.new(hash_name)
-    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
+    with _network(url):
+        response = urllib.request.urlopen(url, timeout=60)
+    with response, open(dest, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
-            while block := response.read(1 << 20):
+            while True:
+                with _network(url):
+                    block = response.read(1 << 20)
+                if not block:
+                    break
                 out.write(block)
                 digest.update(block)
                 bar.update(len(block))
