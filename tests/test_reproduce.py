@@ -146,7 +146,7 @@ def test_every_preset_runs_and_is_analysed(reproduced):
     runs = [r.name for r in plan(out, ["study1", "study2"], 1.0)]
     assert len(runs) == 12 and set(state["runs"]) == set(runs)
     for name in runs:
-        assert state["runs"][name] == {"status": "finished", "note": "trained"}
+        assert state["runs"][name] == {"status": "finished", "note": "trained", "steps": 20 if name.startswith("siamese") else 6}
         summary = json.loads((out / name / "summary.json").read_text())
         steps = 20 if name.startswith("siamese") else 6
         assert summary["steps"] == steps and not (out / name / "tb").exists()
@@ -288,9 +288,9 @@ def test_a_killed_worker_process_fails_its_run_alone(tmp_path):
     log = []
     records = _execute_parallel([(r, False) for r in runs], 2, False, log.append, worker=finish_or_die)
     assert records == {
-        "siamese-exp1": {"status": "finished", "note": "trained"},
-        "siamese-exp2": {"status": "failed", "note": "its process was killed by SIGKILL (out of memory?)"},
-        "siamese-exp3": {"status": "finished", "note": "trained"},  # started after the death: the rest go on
+        "siamese-exp1": {"status": "finished", "note": "trained", "steps": 50000},
+        "siamese-exp2": {"status": "failed", "note": "its process was killed by SIGKILL (out of memory?)", "steps": 50000},
+        "siamese-exp3": {"status": "finished", "note": "trained", "steps": 50000},  # started after the death
     }
     assert log == ["  siamese-exp2 failed: its process was killed by SIGKILL (out of memory?)"]
 
@@ -313,8 +313,8 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, t
     state = reproduce(tmp_path / "out", data=data, only="study1", **quick)
     assert state["runs"]["classifier-b64-wd0.01"] == {
         "status": "failed", "note": "RuntimeError: out of memory (at test_reproduce.py:%d)" % (
-            train_one.__code__.co_firstlineno + 2)}
-    assert state["runs"]["classifier-b64-wd0.005"] == {"status": "failed", "note": "a clear reason"}
+            train_one.__code__.co_firstlineno + 2), "steps": 6}
+    assert state["runs"]["classifier-b64-wd0.005"] == {"status": "failed", "note": "a clear reason", "steps": 6}
     assert sum(r["status"] == "finished" for r in state["runs"].values()) == 7
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| failed: a clear reason |" in md
@@ -468,3 +468,100 @@ def test_a_run_trained_with_a_relative_weights_path_is_the_planned_run(tmp_path,
                   if r.name == "transfer-features"]
     train(planned.config, out=planned.path, progress=False)
     assert run_state(planned) == "finished"
+
+
+def _copy_of(reproduced, tmp_path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(reproduced[0], out)
+    return out
+
+
+def test_analyses_made_by_hand_otherwise_are_redone_and_older_ones_are_flagged(reproduced, tmp_path, monkeypatch):
+    from cifarlab.analysis import read_ovr, read_tsne, run_ovr, run_tsne
+    from cifarlab.report import write_report
+
+    out, data = _copy_of(reproduced, tmp_path), reproduced[1]
+    monkeypatch.setenv("CIFARLAB_CACHE", str(reproduced[0].parent / "cache"))
+    ref = out / "classifier-b128"
+    run_ovr(ref, "fc2", seed=5, progress=False)  # by hand: another shuffle of the seed protocol
+    run_ovr(ref, "fc1", data=make_image_folders(tmp_path / "other", 3), progress=False)  # other images
+    run_tsne(ref, "flatten", perplexity=5, max_points=120, progress=False)
+    assert read_ovr(ref, "fc2")["seed"] == 5 and read_tsne(ref, "flatten")["meta"]["perplexity"] == 5
+    log = []
+    reproduce(out, data=data, only="study1,study2", log=log.append, **QUICK)
+    assert read_ovr(ref, "fc2")["seed"] == 0 and read_ovr(ref, "fc1")["n_fit"] == 240
+    assert read_tsne(ref, "flatten")["meta"]["perplexity"] == 119 / 3  # what openTSNE uses on 120 points
+    assert any("OvR fc2" in line for line in log) and not any("OvR flatten" in line for line in log)
+    # an analysis of an earlier checkpoint than the run's last is shown with a warning
+    ovr_file = ref / "analysis" / "ovr-flatten.json"
+    ovr_file.write_text(ovr_file.read_text().replace('"checkpoint": 6', '"checkpoint": 3'))
+    write_report(out)
+    md = (out / "report.md").read_text()
+    (row,) = [line for line in md.splitlines() if line.startswith("| flatten features |")]
+    assert "from the checkpoint of step 3, not the last (6)" in row
+    assert "4,000 fit, 1,000 scored" in md  # the seed's own OvR protocol, as its footnote says
+
+
+def test_the_settings_banner_comes_from_the_runs_not_the_last_call(reproduced, tmp_path):
+    from cifarlab.report import write_report
+
+    out = _copy_of(reproduced, tmp_path)
+    for exp in ("siamese-exp1", "siamese-exp2", "siamese-exp3"):  # as if a later call had --set lr=0.001
+        config = out / exp / "config.toml"
+        config.write_text(config.read_text().replace("lr = 0.0001\n", "lr = 0.001\n", 1))
+    write_report(out)
+    md = (out / "report.md").read_text()
+    banner = next(line for line in md.splitlines() if "Every run was trained with settings changed" in line)
+    assert "batch_size=16, val_tuples=10" in banner and "lr" not in banner and "tensorboard" not in banner
+    siamese_table = md.split("## Section 2.5")[1].split("## Section 3.3")[0]
+    assert siamese_table.count("lr 0.001 (the preset's 0.0001)") >= 1  # in the rows' (shared) note
+    assert "lr 0.001" not in md.split("## Section 2.5")[0]
+    for name in [p.name for p in out.iterdir() if (p / "config.toml").is_file() and p.name.startswith("classifier")]:
+        config = out / name / "config.toml"  # now only some runs are changed at all
+        text = config.read_text().replace("batch_size = 16\n", f"batch_size = {128 if 'b128' in name else 64}\n", 1)
+        config.write_text(text.replace("val_tuples = 10\n", "val_tuples = 500\n", 1))
+    write_report(out)
+    md = (out / "report.md").read_text()
+    assert "Every run was trained" not in md
+    assert "Some runs were trained with settings changed from the report's (`--set`): siamese-exp1" in md
+
+
+def test_a_run_that_failed_to_reach_its_planned_steps_shows_the_failure_not_its_older_number(
+        tmp_path, monkeypatch, training_only):
+    import cifarlab.reproduce as rep
+
+    data = make_image_folders(tmp_path / "data", 4)
+    out = tmp_path / "out"
+    quick = dict(QUICK, overrides={"batch_size": 8, "tensorboard": False})
+    (planned,) = [r for r in plan(out, ["study1"], quick["steps_scale"], quick["max_evals"], str(data), "cpu",
+                                  overrides=quick["overrides"]) if r.name == "classifier-b128"]
+    train(planned.config.replace(steps=4), out=planned.path, progress=False)  # trained by hand, shorter
+    real = rep.train_one
+
+    def train_one(config, path, resume, **kw):
+        if path.endswith("classifier-b128"):
+            raise CifarlabError("classifier-b128: the disk is full")
+        return real(config, path, resume, **kw)
+
+    monkeypatch.setattr(rep, "train_one", train_one)
+    state = reproduce(out, data=data, only="study1", **quick)
+    assert state["failed"] == ["classifier-b128"]
+    md = (out / "report.md").read_text()
+    (row,) = [line for line in md.splitlines() if line.startswith("| Section 1 (Figure 1), batch 128,")]
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[2:5] == ["0.7503", "-", "-"] and "failed: classifier-b128: the disk is full" in cells[5]
+    (run_row,) = [line for line in md.splitlines() if line.startswith("| classifier-b128 | classifier |")]
+    assert "| failed |" in run_row and "QUICK VERSION" in md and "4 instead of" not in md
+
+
+def test_runs_trained_otherwise_are_refused_before_any_data_is_loaded(reproduced, tmp_path, monkeypatch):
+    import cifarlab.data
+
+    out = _copy_of(reproduced, tmp_path)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("data loaded (or downloaded) before the runs were checked")
+
+    monkeypatch.setattr(cifarlab.data, "load_cifar10", no_loading)
+    with pytest.raises(CifarlabError, match="classifier-b128 was trained with other settings: lr"):
+        reproduce(out, data=reproduced[1], only="study1", **dict(QUICK, overrides={**QUICK["overrides"], "lr": 1e-3}))

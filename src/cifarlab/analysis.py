@@ -64,6 +64,7 @@ class Features:
     checkpoint: int
     layer_names: tuple[str, ...]  # every stage of the run's network
     path: Path
+    data: str = ""  # data_key of the images they were computed on
 
 
 # -- layers, checkpoints, paths -----------------------------------------------------------------
@@ -148,8 +149,11 @@ def read_tsne(run_path: Path, layer: str) -> dict | None:
 
 
 def read_ovr(run_path: Path, layer: str, protocol: str = "seed", classifier: str = "linear-svm") -> dict | None:
-    """The result `run_ovr` recorded for `layer` under that protocol and classifier, or None."""
-    return _ovr_results(read_json(ovr_path(run_path, layer))).get(f"{protocol}/{classifier}")
+    """The result `run_ovr` recorded for `layer` under that protocol and classifier, or None (also
+    when it lacks what the report reads: an older or damaged file, redone by reproduce)."""
+    result = _ovr_results(read_json(ovr_path(run_path, layer))).get(f"{protocol}/{classifier}")
+    needed = ("accuracy", "n_fit", "n_score", "fit_seconds", "checkpoint")
+    return result if isinstance(result, dict) and all(key in result for key in needed) else None
 
 
 def _ovr_results(record: dict) -> dict:
@@ -289,7 +293,8 @@ def load_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str] |
         arrays = {name: z[name] for name in wanted}
         labels = z["labels"]
     return Features(labels=labels, layers=arrays, classes=tuple(meta["classes"]), split=split,
-                    checkpoint=int(meta["checkpoint"]), layer_names=tuple(meta["layer_names"]), path=path)
+                    checkpoint=int(meta["checkpoint"]), layer_names=tuple(meta["layer_names"]), path=path,
+                    data=meta.get("data", ""))
 
 
 # -- t-SNE --------------------------------------------------------------------------------------
@@ -340,6 +345,12 @@ def embed_tsne(x: np.ndarray, perplexity: float = 40.0, seed: int = 0, n_jobs: i
         return np.asarray(tsne.fit(x), dtype=np.float32)
 
 
+def effective_perplexity(perplexity: float, points: int) -> float:
+    """The perplexity openTSNE uses on `points` points: it lowers one whose 3 x perplexity
+    neighbours would not fit among the other points to (points - 1) / 3."""
+    return perplexity if 3 * perplexity <= points - 1 else (points - 1) / 3
+
+
 def run_tsne(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None = None, *,
              perplexity: float = 40.0, max_points: int | None = 10000, seed: int = 0, split: str = "test",
              checkpoint: int | None = None, data=None, device: str | None = None, n_jobs: int | None = None,
@@ -358,8 +369,7 @@ def run_tsne(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None
                           progress=progress)
     rows = sample_indices(len(feats.labels), max_points, seed)
     labels = feats.labels[rows]
-    # openTSNE lowers a perplexity above the number of other points to a third of them: record what it used
-    perplexity = perplexity if perplexity <= len(rows) - 1 else (len(rows) - 1) / 3
+    perplexity = effective_perplexity(perplexity, len(rows))  # record what openTSNE will use
     out: dict = {"layers": {}, "combined": None, "checkpoint": feats.checkpoint, "points": len(rows),
                  "perplexity": perplexity}
     panels = []
@@ -367,7 +377,7 @@ def run_tsne(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None
         start = time.perf_counter()
         coords = embed_tsne(x[rows], perplexity, seed, n_jobs, progress and len(rows) >= 2000, f"t-SNE {name}")
         seconds = time.perf_counter() - start
-        meta = {"run": run.name, "layer": name, "split": split, "checkpoint": feats.checkpoint,
+        meta = {"run": run.name, "layer": name, "split": split, "checkpoint": feats.checkpoint, "data": feats.data,
                 "perplexity": perplexity, "seed": seed, "points": len(rows), "input_dims": int(x.shape[1]),
                 "pca_dims": PCA_DIMS if x.shape[1] > PCA_DIMS else None, "seconds": round(seconds, 3),
                 "classes": list(feats.classes)}
@@ -516,7 +526,7 @@ def run_ovr(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None 
             result = fit_score(train.layers[name], train.labels, x, test.labels, classifier, len(test.classes), seed,
                                n_jobs)
         result = {"layer": name, "dims": int(x.shape[1]), "protocol": protocol, "classifier": classifier,
-                  "seed": seed, "checkpoint": test.checkpoint, **result,
+                  "seed": seed, "checkpoint": test.checkpoint, "data": test.data, **result,
                   "per_class_accuracy": dict(zip(test.classes, result["per_class_accuracy"])),
                   "created": dt.datetime.now().isoformat(timespec="seconds")}
         json_path = ovr_path(run.path, name)

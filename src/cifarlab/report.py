@@ -91,6 +91,15 @@ class ReportData:
         self._summaries = {n: current_summary(read_json(self.root / n / "summary.json"),
                                               self._configs[n].get("steps"))
                            for n in self.present}
+        self._planned_steps: dict[str, int] = {}
+        for name, record in self.state.get("runs", {}).items():
+            # a run reproduce failed (or skipped) to take to its planned steps: what is there is an
+            # earlier, shorter run's result, not the one planned; the row says why it is missing
+            planned = record.get("steps")
+            if record.get("status") in ("failed", "skipped") and planned is not None and name in self.present \
+                    and self._configs[name].get("steps") != planned:
+                self._summaries[name] = {}
+                self._planned_steps[name] = planned
         self._metrics: dict[str, list[dict]] = {}
 
     def summary(self, name: str) -> dict:
@@ -126,6 +135,13 @@ class ReportData:
     def analysis_problem(self, name: str) -> str | None:
         return self.state.get("runs", {}).get(name, {}).get("analysis")
 
+    def older_checkpoint(self, name: str, step: int | None) -> str:
+        """A note when an analysis was made from an earlier checkpoint than the run's last."""
+        last = self.summary(name).get("steps")
+        if step is None or last is None or step == last:
+            return ""
+        return f"from the checkpoint of step {step:,}, not the last ({last:,}): rerun `cifarlab reproduce`"
+
     def why_no_ovr(self, name: str, layers: str) -> str:
         """Why a run has no OvR number: no run, a failed analysis, or none made yet."""
         if not self.summary(name):
@@ -137,18 +153,35 @@ class ReportData:
         studies may have been reproduced at different --steps-scale."""
         found: dict[str, set] = {}
         for name in self.present:
-            steps, full = self.config(name).get("steps"), self.presets[name].config().steps
+            steps = self._planned_steps.get(name, self.config(name).get("steps"))
+            full = self.presets[name].config().steps
             if steps:
                 found.setdefault(self.presets[name].study, set()).add((round(steps / full, 6), steps, full))
         # the scale furthest from 1 speaks for the study, so one full run cannot hide quick ones
         return {study: max(values, key=lambda v: abs(v[0] - 1)) for study, values in found.items()}
 
+    def changes(self, name: str) -> dict[str, tuple]:
+        """{setting: (this run's value, the preset's)} where the run was trained otherwise than its
+        preset says (reproduce --set), read from the run's own config.toml."""
+        cfg, preset = self.config(name), self.presets[name].config().to_dict()
+        return {key: (cfg[key], value) for key, value in preset.items()
+                if key not in _SAID_ELSEWHERE and key in cfg and cfg[key] != value}
+
+    def common_changes(self) -> tuple[dict, list[str]]:
+        """(the changed settings every run here shares, with their value; the runs changed at all).
+        From the runs themselves, since reproduce calls may --set differently."""
+        changed = {name: self.changes(name) for name in self.present}
+        changed = {name: c for name, c in changed.items() if c}
+        if len(changed) < len(self.present) or not changed:
+            return {}, list(changed)
+        first, *rest = changed.values()
+        common = {k: v[0] for k, v in first.items() if all(k in c and c[k][0] == v[0] for c in rest)}
+        return common, list(changed)
+
     def override_note(self, name: str) -> str:
         """What this preset's run was trained with other than the preset says (reproduce --set):
         the runs of an ablation may then be one and the same run, which the row should say."""
-        cfg, preset = self.config(name), self.presets[name].config().to_dict()
-        changed = [f"{key} {cfg[key]!r} (the preset's {value!r})" for key, value in preset.items()
-                   if key not in _SAID_ELSEWHERE and key in cfg and cfg[key] != value]
+        changed = [f"{key} {ours!r} (the preset's {value!r})" for key, (ours, value) in self.changes(name).items()]
         return f"run with {', '.join(changed)}" if changed else ""
 
     def backbone_note(self, name: str) -> str:
@@ -201,14 +234,16 @@ def build_tables(data: ReportData) -> list[Table]:
     for layer, seed in SEED_LAYER_OVR.items():
         res = data.ovr(REFERENCE_RUN, layer) if ref_summary else None
         if res:
-            note = f"{res['n_fit']:,} fit / {res['n_score']:,} scored, {res['fit_seconds']:.1f} s"
+            note = "; ".join(n for n in (f"{res['n_fit']:,} fit / {res['n_score']:,} scored, {res['fit_seconds']:.1f} s",
+                                         data.older_checkpoint(REFERENCE_RUN, res.get("checkpoint"))) if n)
         else:
             note = data.why_no_ovr(REFERENCE_RUN, "all")
         layer_rows.append(Row(f"{layer} features", seed, res["accuracy"] if res else None, note))
     tables.append(Table(
         "Section 1.4.1: one-vs-rest linear classifiers on the ConvNet's features",
         f"Features of the {REFERENCE_RUN} run on the test set, shuffled once, 80% fit and 20% scored (the "
-        f"seed's protocol, on all {n_test} test images; the seed scored 5,000 of 10,000). Ours: liblinear one-vs-rest "
+        f"seed's protocol, on all {n_test} test images; the seed used 5,000 of the 10,000: 4,000 fit, 1,000 scored). "
+        "Ours: liblinear one-vs-rest "
         "(linear-svm); the seed: OneVsRestClassifier(SVC(kernel='linear')).", layer_rows))
 
     siamese_rows = []
@@ -220,6 +255,7 @@ def build_tables(data: ReportData) -> list[Table]:
             if s.get("best_test_accuracy") is not None:
                 note += (f"; same-class rule on test tuples (a pair accuracy, not OvR): {s['final_test_accuracy']:.4f}, "
                          f"best {s['best_test_accuracy']:.4f} at step {s['best_test_step']:,}")
+            note = "; ".join(n for n in (note, data.older_checkpoint(p.name, res.get("checkpoint"))) if n)
         else:
             note = data.why_no_ovr(p.name, "embedding")
         note = "; ".join(n for n in (note, data.override_note(p.name)) if n)
@@ -300,9 +336,12 @@ def build_figures(data: ReportData, folder: Path) -> list[Figure]:
             if labels is not None and (len(tsne["rows"]) != len(labels) or not np.array_equal(tsne["labels"], labels)):
                 notes.append(f"{name} {layer}: embedded other points than the first panel; redo its t-SNE")
                 continue
+            older = data.older_checkpoint(name, tsne["meta"].get("checkpoint"))
+            if older:
+                notes.append(f"{name} {layer}: {older}")
             labels, classes = tsne["labels"], tsne["meta"]["classes"]
             panels.append((f"{name}: {layer}" if len({n for n, _ in parts}) > 1 else layer, tsne["coords"]))
-        note = (" Missing: " + "; ".join(notes) + ".") if notes else ""
+        note = (" Missing or out of date: " + "; ".join(notes) + ".") if notes else ""
         png = plot_tsne(panels, labels, classes, folder / f"{_slug(title)}.png", title) if panels else None
         figures.append(Figure(title, caption + note, png, [n for n, _ in parts]))
     return sorted(figures, key=lambda f: _ORDER.index(f.title))
@@ -343,8 +382,11 @@ def environment(data: ReportData) -> list[tuple[str, str]]:
         source = f" ({d['source']})" if d.get("source") else ""
         info.append(("data", f"{d['layout']} layout{source}, {d['train']:,} train / "
                              f"{d['test']:,} test images; checksum: {d['checksum']}"))
-    if data.state.get("overrides"):
-        info.append(("changed for every run", changed_settings(data.state["overrides"])))
+    common, changed = data.common_changes()
+    if common:
+        info.append(("changed for every run", changed_settings(common)))
+    elif changed:
+        info.append(("changed for some runs", ", ".join(changed)))
     total = sum(s.get("wall_seconds", 0) for s in summaries)
     info.append(("training wall time", f"{total:,.1f} s over {len(summaries)} runs (each run's own clock, all "
                                        "its resumes included)"))
@@ -380,11 +422,15 @@ def changed_settings(overrides: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in overrides.items())
 
 
-def settings_warning(overrides: dict) -> str | None:
-    if not overrides:
-        return None
-    return (f"Every run was trained with settings changed from the report's: {changed_settings(overrides)} "
-            f"(`--set`); numbers beside the seed's may differ for that reason.")
+def settings_warning(data: ReportData) -> str | None:
+    common, changed = data.common_changes()
+    if common:
+        return (f"Every run was trained with settings changed from the report's: {changed_settings(common)} "
+                f"(`--set`); numbers beside the seed's may differ for that reason.")
+    if changed:
+        return (f"Some runs were trained with settings changed from the report's (`--set`): {', '.join(changed)}; "
+                f"their rows say which, and their numbers beside the seed's may differ for that reason.")
+    return None
 
 
 def scale_warning(scales: dict[str, tuple[float, int, int]]) -> str | None:
@@ -538,7 +584,7 @@ def write_report(root: str | Path) -> tuple[Path, Path]:
     folder = data.root / FIGURE_DIR
     tables, figures = build_tables(data), build_figures(data, folder)
     runs, env = run_rows(data), environment(data)
-    warnings = [w for w in (scale_warning(data.step_scales()), settings_warning(data.state.get("overrides", {})),
+    warnings = [w for w in (scale_warning(data.step_scales()), settings_warning(data),
                             same_runs_warning(data)) if w]
     html_path, md_path = data.root / "report.html", data.root / "report.md"
     write_text(html_path, render_html(tables, figures, runs, env, warnings))

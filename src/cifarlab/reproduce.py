@@ -219,7 +219,7 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
     for run in runs:
         state = run_state(run)
         if state == "finished":
-            records[run.name] = {"status": "finished", "note": "already finished: skipped"}
+            records[run.name] = {"status": "finished", "note": "already finished: skipped", "steps": run.config.steps}
             log(f"  {run.name:<26} already finished")
             continue
         if run.config.study == "transfer":
@@ -227,7 +227,8 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
             if key not in weights:
                 weights[key] = weights_problem(run.config, progress)
             if weights[key] is not None:
-                records[run.name] = {"status": "skipped", "note": f"backbone weights unavailable: {weights[key]}"}
+                records[run.name] = {"status": "skipped", "note": f"backbone weights unavailable: {weights[key]}",
+                                     "steps": run.config.steps}
                 log(f"  {run.name:<26} skipped: backbone weights unavailable")
                 continue
         if state == "restart":
@@ -243,11 +244,12 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
     for run, resume in todo:
         try:
             train_one(run.config.to_dict(), str(run.path), resume, progress=progress, data=data)
-            records[run.name] = {"status": "finished", "note": "resumed" if resume else "trained"}
+            records[run.name] = {"status": "finished", "note": "resumed" if resume else "trained",
+                                 "steps": run.config.steps}
         except TrainingInterrupted as err:  # Ctrl-C stops reproduce as a whole
             raise CifarlabError(f"{err}. Run the same `cifarlab reproduce` again to go on") from None
         except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
-            records[run.name] = {"status": "failed", "note": _one_line(err)}
+            records[run.name] = {"status": "failed", "note": _one_line(err), "steps": run.config.steps}
             log(f"  {run.name} failed: {_one_line(err)}")
     return records
 
@@ -329,7 +331,7 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker) -> d
                     if status == "interrupted":
                         interrupted = True
                         continue
-                    records[run.name] = {"status": status, "note": note}
+                    records[run.name] = {"status": status, "note": note, "steps": run.config.steps}
                     if status == "failed":
                         log(f"  {run.name} failed: {note}")
                     bar.set_postfix_str(f"{run.name} {status}", refresh=False)
@@ -357,19 +359,30 @@ def _latest_step(path: Path) -> int | None:
     return steps[-1] if steps else None
 
 
-def _ovr_fresh(path: Path, layer: str, step: int) -> bool:
+# The analysis the report shows: the seed's OvR protocol and t-SNE with openTSNE's defaults, seed 0.
+ANALYSIS_SEED, TSNE_PERPLEXITY = 0, 40.0
+
+
+def _ovr_fresh(path: Path, layer: str, step: int, data: str) -> bool:
+    """The seed-protocol OvR of this checkpoint on the images of `data` (a data_key), as reproduce
+    makes it (one made by hand with another --seed or --data is redone)."""
     from cifarlab.analysis import read_ovr
 
-    result = read_ovr(path, layer)
-    return bool(result) and result.get("checkpoint") == step
+    result = read_ovr(path, layer) or {}
+    return (result.get("checkpoint"), result.get("data"), result.get("seed")) == (step, data, ANALYSIS_SEED)
 
 
-def _tsne_fresh(path: Path, layer: str, step: int, points: int) -> bool:
-    """Coordinates exist for this checkpoint with exactly `points` points."""
-    from cifarlab.analysis import read_tsne
+def _tsne_fresh(path: Path, layer: str, step: int, points: int, data: str) -> bool:
+    """Coordinates of this checkpoint on `data` with exactly `points` points, made as reproduce
+    makes them (its perplexity and seed)."""
+    from cifarlab.analysis import effective_perplexity, read_tsne
 
     tsne = read_tsne(path, layer)
-    return tsne is not None and tsne["meta"].get("checkpoint") == step and tsne["meta"].get("points") == points
+    if tsne is None:
+        return False
+    meta = tsne["meta"]
+    made = (meta.get("checkpoint"), meta.get("points"), meta.get("data"), meta.get("seed"), meta.get("perplexity"))
+    return made == (step, points, data, ANALYSIS_SEED, effective_perplexity(TSNE_PERPLEXITY, points))
 
 
 ANALYSES = {  # preset -> layers its tables and figures need
@@ -381,7 +394,8 @@ ANALYSES = {  # preset -> layers its tables and figures need
 def analyse(out: Path, records: dict[str, dict], tsne_points: int, progress: bool = True, log=print) -> None:
     """OvR (seed protocol) and t-SNE (`tsne_points` test images) on the layers the report looks
     at, skipped when up to date. A failure is recorded in the run's record, not raised."""
-    from cifarlab.analysis import read_ovr, read_tsne, run_ovr, run_tsne
+    from cifarlab.analysis import data_key, read_ovr, read_tsne, run_ovr, run_tsne
+    from cifarlab.runs import RunDir
 
     for name, layers in ANALYSES.items():
         path = out / name
@@ -396,12 +410,14 @@ def analyse(out: Path, records: dict[str, dict], tsne_points: int, progress: boo
                 log(f"  {name:<26} {why}")
             continue
         try:
-            stale = [layer for layer in layers if not _ovr_fresh(path, layer, step)]
+            source = data_key(RunDir(path).config(), None)
+            stale = [layer for layer in layers if not _ovr_fresh(path, layer, step, source)]
             if stale:
-                for row in run_ovr(path, stale, protocol="seed", progress=progress):
+                for row in run_ovr(path, stale, protocol="seed", seed=ANALYSIS_SEED, progress=progress):
                     log(f"  {name:<26} OvR {row['layer']:<9} {row['accuracy']:.4f} ({row['fit_seconds']:.1f} s)")
-            if not all(_tsne_fresh(path, layer, step, tsne_points) for layer in layers):
-                res = run_tsne(path, list(layers), max_points=tsne_points, progress=progress)
+            if not all(_tsne_fresh(path, layer, step, tsne_points, source) for layer in layers):
+                res = run_tsne(path, list(layers), perplexity=TSNE_PERPLEXITY, max_points=tsne_points,
+                               seed=ANALYSIS_SEED, progress=progress)
                 log(f"  {name:<26} t-SNE of {res['points']} points: {', '.join(res['layers'])}")
         except Exception as err:  # noqa: BLE001 - the report says why a number is missing
             records[name]["analysis"] = f"analysis failed: {_one_line(err)}"
@@ -441,6 +457,8 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     groups = parse_only(only)
     runs = plan(out, groups, steps_scale, max_evals, str(data or ""), device, transfer_backbone, backbone_weights,
                 overrides)
+    for run in runs:  # a run folder trained otherwise is refused now, before loading (or downloading) data
+        run_state(run)
     dataset = load_cifar10(data, download=True, progress=progress)  # once, here: builds the cache for all runs
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE
