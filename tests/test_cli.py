@@ -204,8 +204,13 @@ def test_resume_refuses_what_would_rewrite_the_runs_records(trained, tmp_path):
     records = {name: (run / name).read_bytes() for name in ("config.toml", "summary.json", "metrics.csv")}
     one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", reached - 1, "--quiet"),
                    f"has reached step {reached}; resuming it needs --steps of at least {reached} (got {reached - 1})")
-    one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", reached, "--lr", 0.5, "--quiet"),
-                   f"has reached its {reached} steps, so nothing would train with the changed lr")
+    one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", reached, "--memory-format", "contiguous",
+                           "--quiet"),
+                   f"has reached its {reached} steps, so nothing would train with the changed memory_format")
+    # a setting no resume may change is refused as such, at any --steps (not sent to --steps first)
+    for steps in (reached, reached + 3):
+        one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", steps, "--lr", 0.5, "--quiet"),
+                       "was trained with lr 0.0001 (asked: 0.5); a resume keeps a run's settings")
     one_error_line(run_cli("train", "siamese", "--resume", run, "--steps", reached + 3, "--quiet"),
                    "is a classifier run; resume it with `cifarlab train classifier --resume")
     assert {name: (run / name).read_bytes() for name in records} == records
@@ -320,3 +325,16 @@ def test_output_paths_that_cannot_be_written_give_one_line(trained, tmp_path):
     one_error_line(run_cli("compare", run, "--csv", folder), "folder", "Is a directory")
     assert (tmp_path / "a-file").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder"] and not any(folder.iterdir())
+
+
+def test_ctrl_c_exits_130_with_one_line_saying_how_to_go_on(trained, tmp_path, monkeypatch):
+    import cifarlab.train as train_module
+    from test_train import InterruptAt
+
+    build = train_module.build_task
+    monkeypatch.setattr(train_module, "build_task", lambda *a, **k: InterruptAt(4)(build(*a, **k)))
+    res = run_cli("train", "classifier", "--data", trained[0], "--steps", 20, "--batch-size", 8, "--device", "cpu",
+                  "--out", tmp_path / "run", "--quiet")
+    assert res.returncode == 130  # an interrupt, not a failure, for scripts that run cifarlab
+    assert res.stderr.strip().startswith("error: interrupted at step 5; progress saved. Continue with: cifarlab train "
+                                         "classifier --resume") and len(res.stderr.strip().splitlines()) == 1

@@ -101,6 +101,19 @@ def test_random_batches(pool):
         assert ((second >= 0) & (second < 600)).all()
 
 
+@pytest.mark.parametrize("sampler", [anchor_pairs, random_pairs])
+def test_same_class_pairs_are_floor_f_times_b_also_where_floats_fall_short(pool, sampler):
+    gen = torch.Generator().manual_seed(3)
+    for fraction, expected in ((0.29, 29), (0.57, 57), (0.58, 58), (0.2, 20)):  # 0.29 * 100 = 28.999999999999996
+        assert sampler(pool, 100, fraction, gen)[2].sum().item() == expected
+
+
+def test_a_siamese_batch_without_same_class_pairs_is_refused():
+    with pytest.raises(CifarlabError, match="fraction_same 0.2 of batch_size 4 gives no same-class pair per batch"):
+        Config.for_study("siamese", batch_size=4, fraction_same=0.2)
+    assert Config.for_study("classifier", batch_size=4).batch_size == 4  # the other studies do not pair
+
+
 def test_random_sampler_covers_classes_uniformly(pool):
     gen = torch.Generator().manual_seed(3)
     anchors = torch.cat([random_pairs(pool, 100, 0.2, gen)[0] for _ in range(200)])

@@ -193,6 +193,135 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
     assert metric_values(resumed.path) == metric_values(full.path)
 
 
+class CrashAt:
+    """Wraps a task and makes the process 'die' (an error nothing catches) when a step's batch is drawn."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, task):
+        draw = task.train_inputs
+
+        def train_inputs(step):
+            if step == self.step:
+                raise SystemError("the process died here")
+            return draw(step)
+
+        task.train_inputs = train_inputs
+        return task
+
+
+def _build_with(monkeypatch, wrapper):
+    import cifarlab.train as train_module
+
+    build = train_module.build_task
+    monkeypatch.setattr(train_module, "build_task", lambda *a, **k: wrapper(build(*a, **k)))
+    return lambda: monkeypatch.setattr(train_module, "build_task", build)
+
+
+def test_a_run_extended_past_a_last_step_off_the_eval_cadence_equals_an_uninterrupted_one(tmp_path):
+    data = synthetic_cifar()
+    cfg = small_cfg(dropout=0.3)  # eval every 10, checkpoints every 20
+    full, _ = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
+    short, summary = train(cfg.replace(steps=25), out=str(tmp_path / "part"), progress=False, data=data)
+    assert {row["step"] for row in short.metrics} == {10, 20, 25} and summary["steps"] == 25
+    resumed, _ = train(cfg, resume=short.path, overrides={"steps": 40}, progress=False, data=data)
+    assert metric_values(resumed.path) == metric_values(full.path)  # the train mean at 30 covers 21..30
+
+
+def test_a_run_that_died_after_logging_but_before_any_checkpoint_trains_anew_on_resume(tmp_path, monkeypatch):
+    data = synthetic_cifar()
+    cfg = small_cfg(steps=20, eval_every=5, checkpoint_every=10, tensorboard=True)
+    full, _ = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
+    restore = _build_with(monkeypatch, CrashAt(7))
+    with pytest.raises(SystemError):
+        train(cfg, out=str(tmp_path / "died"), progress=False, data=data)
+    restore()
+    assert [r["step"] for r in RunDir_metrics(tmp_path / "died")] == [5, 5]
+    assert not (tmp_path / "died" / "checkpoints").exists() or not any((tmp_path / "died" / "checkpoints").iterdir())
+    resumed, _ = train(cfg, resume=tmp_path / "died", progress=False, data=data)
+    assert metric_values(resumed.path) == metric_values(full.path)
+    assert tensorboard_steps(resumed.path, "test/accuracy") == [5, 10, 15, 20]  # the dead attempt's step 5 purged
+
+
+def test_tensorboard_keeps_no_duplicates_of_steps_a_crashed_attempt_logged_past_its_checkpoint(tmp_path, monkeypatch):
+    data = synthetic_cifar()
+    cfg = small_cfg(steps=20, eval_every=5, checkpoint_every=10, tensorboard=True)
+    restore = _build_with(monkeypatch, CrashAt(17))  # logged step 15 after the checkpoint at 10
+    with pytest.raises(SystemError):
+        train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
+    restore()
+    resumed, _ = train(cfg, resume=tmp_path / "run", progress=False, data=data)
+    assert tensorboard_steps(resumed.path, "train/loss") == [5, 10, 15, 20]
+
+
+def test_resuming_to_exactly_the_step_ctrl_c_saved_at_logs_and_saves_that_last_step(tmp_path, monkeypatch):
+    data = synthetic_cifar()
+    cfg = small_cfg(dropout=0.3)
+    whole, _ = train(cfg.replace(steps=14), out=str(tmp_path / "whole"), progress=False, data=data)
+    restore = _build_with(monkeypatch, InterruptAt(13))
+    with pytest.raises(CifarlabError, match="interrupted at step 14"):
+        train(cfg, out=str(tmp_path / "cut"), progress=False, data=data)
+    restore()
+    resumed, summary = train(cfg, resume=tmp_path / "cut", overrides={"steps": 14}, progress=False, data=data)
+    assert metric_values(resumed.path) == metric_values(whole.path)
+    assert summary["steps"] == 14 and "step-14.safetensors" in os.listdir(resumed.path / "checkpoints")
+
+
+def test_a_resume_drops_weights_an_abandoned_attempt_saved_past_its_last_pt(tmp_path):
+    import shutil
+
+    from cifarlab.runs import RunDir
+
+    data = synthetic_cifar()
+    cfg = small_cfg(steps=10, checkpoint_every=10)
+    run, _ = train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
+    # a crash between writing step-20's weights and last.pt (as if it had gone on to 20)
+    shutil.copy(run.path / "checkpoints" / "step-10.safetensors", run.path / "checkpoints" / "step-20.safetensors")
+    train(cfg, resume=run.path, overrides={"steps": 15}, progress=False, data=data)
+    assert RunDir(run.path).weight_steps() == [10, 15]
+
+
+def test_a_resume_that_fails_before_its_first_step_leaves_config_toml_as_it_was(tmp_path, monkeypatch):
+    data = synthetic_cifar()
+    cfg = small_cfg(steps=10, checkpoint_every=10)
+    run, _ = train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
+    before = (run.path / "config.toml").read_bytes()
+    restore = _build_with(monkeypatch, CrashAt(10))  # the first step of the resume
+    with pytest.raises(SystemError):
+        train(cfg, resume=run.path, overrides={"steps": 20, "dropout": 0.0}, progress=False, data=data)
+    restore()
+    assert (run.path / "config.toml").read_bytes() == before
+
+
+def test_runs_started_at_once_never_share_a_folder(tmp_path):
+    from cifarlab.runs import RunDir
+
+    first, second = (RunDir.create(None, "classifier", root=tmp_path) for _ in range(2))
+    assert first.path == second.path  # the same time stamp, neither claimed yet
+    first.materialise()
+    second.materialise()
+    assert first.path != second.path and (second.path / "config.toml").is_file()
+    mine, theirs = (RunDir.create(str(tmp_path / "out"), "classifier") for _ in range(2))
+    mine.materialise()
+    with pytest.raises(CifarlabError, match="already exists and is not empty"):
+        theirs.materialise()
+
+
+def RunDir_metrics(path):
+    from cifarlab.runs import RunDir
+
+    return RunDir(path).read_metrics()
+
+
+def tensorboard_steps(run_path, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     import cifarlab.train as train_module
 

@@ -471,7 +471,10 @@ def main() -> None:
         app()
     except CifarlabError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        # Ctrl-C with the progress saved: 130, as for any interrupted command (the engine, and so
+        # torch, is imported only when something trained)
+        interrupted = "cifarlab.engine" in sys.modules and isinstance(err, sys.modules["cifarlab.engine"].TrainingInterrupted)
+        sys.exit(130 if interrupted else 2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

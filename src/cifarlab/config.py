@@ -33,6 +33,12 @@ NOT_COMPARED = frozenset({"distributed", "memory_format", "feature_cache", *WHER
 STUDY_DEFAULTS = {"siamese": {"steps": 50000, "val_fraction": 0.2}, "transfer": {"steps": 10000}}
 
 
+def same_class_pairs(fraction_same: float, batch_size: int) -> int:
+    """floor(f * B), the report's count of same-class pairs in a batch: with a little slack, since
+    0.29 * 100 is 28.999999999999996 in floating point."""
+    return math.floor(fraction_same * batch_size + 1e-9)
+
+
 @dataclass
 class Config:
     """Everything a run needs. Study-specific fields are ignored by the other studies."""
@@ -103,6 +109,10 @@ class Config:
         need(self.memory_format in ("auto", "channels_last", "contiguous"),
              f"memory_format must be auto, channels_last or contiguous (got {self.memory_format!r})")
         need(not (self.compile and self.distributed), "compile is not supported with distributed training; drop one")
+        if self.study == "siamese":
+            same = same_class_pairs(self.fraction_same, self.batch_size)
+            need(same >= 1, f"fraction_same {self.fraction_same} of batch_size {self.batch_size} gives no "
+                            "same-class pair per batch; use a larger batch_size or fraction_same")
         return self
 
     def to_dict(self) -> dict[str, Any]:

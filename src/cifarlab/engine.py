@@ -294,12 +294,14 @@ class StepRunner:
         loss, correct, examples = self.group.all_sum(sums).tolist()
         return loss, correct, int(examples)
 
-    def take_means(self) -> tuple[float, float]:
-        """Mean loss and accuracy since the last call, over all ranks; resets the sums."""
+    def take_means(self, reset: bool = True) -> tuple[float, float]:
+        """Mean loss and accuracy since the last reset, over all ranks; resets the sums unless told not to."""
         loss, correct, examples = self._global_sums()
-        self.loss_sum.zero_()
-        self.correct_sum.zero_()
-        self.examples, steps, self.steps = 0, self.steps, 0
+        steps = self.steps
+        if reset:
+            self.loss_sum.zero_()
+            self.correct_sum.zero_()
+            self.examples, self.steps = 0, 0
         return loss / max(steps, 1), correct / max(examples, 1)
 
     def state_dict(self) -> dict:
@@ -384,6 +386,7 @@ class Trainer:
         self.runner = StepRunner(task, self.optimizer, self.autocast, self._use_graph(), self.group,
                                  compile_loss=cfg.compile)
         self.step = 0
+        self._first_step = 0  # the step this process began (or resumed) at
         self.writer = None
         # cumulative over resumes: time in fit()'s loop, the part of it spent evaluating/logging,
         # and one-off work before the loop (the transfer study's feature cache): wall time, not training
@@ -477,8 +480,13 @@ class Trainer:
             set_rng_state({"cpu": state["rng_cpu"], "cuda": state.get("rng_cuda")}, self.device)
         if "task" in state and hasattr(self.task, "load_resume_state"):
             self.task.load_resume_state(state["task"])
+        # What lies past the step it resumes from is an abandoned attempt's (a crash between a
+        # step's weights and last.pt); the log of a last step off the eval cadence is not part
+        # of a longer run (an uninterrupted one has none there): both go.
+        keep = self.step if self._on_cadence(self.step) or self.step >= self.cfg.steps else self.step - 1
+        self.run.metrics = [row for row in self.run.metrics if row["step"] <= keep]
         if self.group.is_main:
-            self.run.truncate_metrics(self.step)
+            self.run.discard_after(self.step, keep)
 
     _IMPLEMENTATION = ("capturable", "foreach", "fused")
 
@@ -501,7 +509,9 @@ class Trainer:
         if self.writer is None and self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run.path / "tb"), purge_step=self.step + 1)
+            # events after the step this process started from are another attempt's (a crashed
+            # one logged past its last checkpoint): TensorBoard drops them
+            self.writer = SummaryWriter(str(self.run.path / "tb"), purge_step=self._first_step + 1)
         return self.writer
 
     def _wall(self) -> float:
@@ -509,8 +519,11 @@ class Trainer:
 
     def _log(self) -> dict[str, tuple[float, float]]:
         """Every rank reduces the train means (so all stop together on a NaN); rank 0 alone
-        evaluates and writes."""
-        train = self.runner.take_means()
+        evaluates and writes.
+
+        The last step is logged even off the eval cadence; its train sums are kept (in last.pt
+        too), so that a resume to more steps logs the same means as an uninterrupted run."""
+        train = self.runner.take_means(reset=self._on_cadence(self.step))
         eval_start = time.perf_counter()
         elapsed = self._wall()
         if not math.isfinite(train[0]):
@@ -536,11 +549,23 @@ class Trainer:
         self.clock["eval"] += time.perf_counter() - eval_start
         return results
 
+    def _on_cadence(self, step: int) -> bool:
+        return step % self.cfg.eval_every == 0
+
+    def _log_and_save(self) -> dict[str, tuple[float, float]]:
+        """The last step's evaluation and checkpoint."""
+        self.model.eval()
+        results = self._log()
+        self.model.train()
+        self.save_checkpoint()
+        return results
+
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict | None:
         """Train to cfg.steps; the summary (None on ranks other than 0)."""
         cfg = self.cfg
         self.model.train()
+        self._first_step = self.step
         # before the clock and the Ctrl-C flag: a one-off pass such as the transfer study's
         # feature cache is not training time (but wall time), and Ctrl-C stops it at once
         self._prepare()
@@ -549,6 +574,9 @@ class Trainer:
         last = {}
         tick_at = time.perf_counter()
         try:
+            if self.step == cfg.steps and not any(row["step"] == self.step for row in self.run.metrics):
+                # resumed to exactly the step a Ctrl-C saved at: only the last step's log is missing
+                last = self._log_and_save()
             with _InterruptFlag(enabled=not self.group.distributed) as interrupt:
                 while self.step < cfg.steps:
                     self._sync_phase()
@@ -559,7 +587,7 @@ class Trainer:
                     self.step += 1
                     if compiling:
                         bar.set_postfix(_postfix(last) if last else {}, refresh=False)
-                    log_now = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                    log_now = self._on_cadence(self.step) or self.step == cfg.steps
                     ckpt_now = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
                     if log_now:
                         self.model.eval()

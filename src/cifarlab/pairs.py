@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from cifarlab import CifarlabError
+from cifarlab.config import same_class_pairs
 
 SAMPLERS = ("anchor", "random")
 
@@ -70,7 +71,7 @@ def anchor_pairs(index: ClassIndex, batch_size: int, fraction_same: float, gen: 
     """The report's default batch: one anchor repeated, paired with floor(f*B) distinct images of
     its class (label 1) and B - floor(f*B) images of other classes (label 0)."""
     device = index.labels.device
-    n_same = int(fraction_same * batch_size)
+    n_same = same_class_pairs(fraction_same, batch_size)
     anchor = torch.randint(0, len(index.labels), (1,), generator=gen, device=device)
     cls = index.labels[anchor]
     # distinct positives: the n_same largest of random keys over the class's real slots
@@ -88,7 +89,7 @@ def random_pairs(index: ClassIndex, batch_size: int, fraction_same: float, gen: 
     """The report's alternative batch: B distinct random anchors; the first floor(f*B) paired with a
     random image of their class, the rest with a random image of another class."""
     device = index.labels.device
-    n_same = int(fraction_same * batch_size)
+    n_same = same_class_pairs(fraction_same, batch_size)
     anchors = torch.randperm(len(index.labels), generator=gen, device=device)[:batch_size]
     positives = index.random_partner(anchors[:n_same], gen)
     negatives = index.random_other_class(index.labels[anchors[n_same:]], gen)
@@ -112,7 +113,7 @@ def sample_pairs(sampler: str, index: ClassIndex, batch_size: int, fraction_same
 def fixed_tuples(index: ClassIndex, count: int, batch_size: int, fraction_same: float, seed: int):
     """The seed's create_dataset: `count` anchor-form batches drawn once with a fixed seed,
     stacked as (count, B) tensors, for a validation loss that is comparable across steps."""
-    index.require_partners(int(fraction_same * batch_size))
+    index.require_partners(same_class_pairs(fraction_same, batch_size))
     gen = torch.Generator(device=index.labels.device).manual_seed(seed)
     batches = [anchor_pairs(index, batch_size, fraction_same, gen) for _ in range(count)]
     return tuple(torch.stack(parts) for parts in zip(*batches))

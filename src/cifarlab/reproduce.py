@@ -247,7 +247,7 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
             records[run.name] = {"status": "finished", "note": "resumed" if resume else "trained",
                                  "steps": run.config.steps}
         except TrainingInterrupted as err:  # Ctrl-C stops reproduce as a whole
-            raise CifarlabError(f"{err}. Run the same `cifarlab reproduce` again to go on") from None
+            raise TrainingInterrupted(f"{err}. Run the same `cifarlab reproduce` again to go on") from None
         except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
             records[run.name] = {"status": "failed", "note": _one_line(err), "steps": run.config.steps}
             log(f"  {run.name} failed: {_one_line(err)}")
@@ -345,8 +345,10 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker) -> d
     finally:
         bar.close()
     if interrupted:
-        raise CifarlabError("interrupted; the runs that had started saved their progress. "
-                            "Run the same `cifarlab reproduce` again to go on")
+        from cifarlab.engine import TrainingInterrupted
+
+        raise TrainingInterrupted("interrupted; the runs that had started saved their progress. "
+                                  "Run the same `cifarlab reproduce` again to go on")
     return records
 
 

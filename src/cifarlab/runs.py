@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import os
 import platform
 import re
 import subprocess
@@ -46,6 +47,15 @@ def git_commit() -> str:
 
 def time_stamp() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _check_free(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise CifarlabError(f"{path}: is a file, not a run directory; choose another --out")
+    if path.exists() and any(path.iterdir()):
+        hint = (f"pass --resume {path} to continue it" if (path / "config.toml").is_file()
+                else "it is not a cifarlab run")
+        raise CifarlabError(f"{path}: already exists and is not empty; {hint}, or choose another --out")
 
 
 def stamped_path(folder: Path, prefix: str) -> Path:
@@ -98,6 +108,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.metrics: list[dict] = []
+        self._claim: tuple | bool | None = None  # see materialise
 
     @property
     def name(self) -> str:
@@ -116,15 +127,28 @@ class RunDir:
         no empty directory behind.
         """
         path = Path(out) if out else stamped_path(root, study)
-        if path.exists() and not path.is_dir():
-            raise CifarlabError(f"{path}: is a file, not a run directory; choose another --out")
-        if path.exists() and any(path.iterdir()):
-            hint = (f"pass --resume {path} to continue it" if (path / "config.toml").is_file()
-                    else "it is not a cifarlab run")
-            raise CifarlabError(f"{path}: already exists and is not empty; {hint}, or choose another --out")
-        return cls(path)
+        _check_free(path)
+        run = cls(path)
+        run._claim = (root, study) if not out else True  # a fresh time-stamped name, or the --out given
+        return run
 
     def materialise(self) -> None:
+        """Make the folder. A new run claims it by creating its config.toml exclusively, so two
+        runs started at once never share a folder: a time-stamped one takes the next free name,
+        an --out given twice is refused to the second."""
+        claim = self._claim
+        while claim:
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                os.close(os.open(self.path / "config.toml", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                break  # ours; write_config replaces it at once
+            except FileExistsError:
+                if claim is True:
+                    _check_free(self.path)  # says what is there
+                    raise CifarlabError(f"{self.path}: another run started in it just now; choose another --out") \
+                        from None
+                self.path = stamped_path(*claim)
+        self._claim = None
         self.path.mkdir(parents=True, exist_ok=True)
 
     @classmethod
@@ -194,10 +218,14 @@ class RunDir:
             raise CifarlabError(f"{path}: line {line} is not a metrics row; the file is damaged") from None
         return rows
 
-    def truncate_metrics(self, step: int) -> None:
-        """Drop rows written after the checkpoint a resumed run starts from."""
-        self.metrics = [row for row in self.read_metrics() if row["step"] <= step]
+    def discard_after(self, step: int, rows_upto: int | None = None) -> None:
+        """Drop what a resumed run at `step` will write anew: metrics rows after `rows_upto`
+        (default `step`) and weights files after `step`."""
+        self.metrics = [row for row in self.read_metrics() if row["step"] <= (step if rows_upto is None else rows_upto)]
         self.write_metrics()
+        for later in self.weight_steps():
+            if later > step:
+                (self.checkpoints / f"step-{later}.safetensors").unlink(missing_ok=True)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_weights(self, step: int, model: torch.nn.Module) -> Path:
@@ -236,7 +264,8 @@ class RunDir:
     def load_training_state(self, device: torch.device) -> dict:
         path = self.checkpoints / "last.pt"
         if not path.is_file():
-            raise CifarlabError(f"{path}: not found, nothing to resume; start a new run instead")
+            raise CifarlabError(f"{path}: not found, so the run cannot continue exactly (its optimizer state is "
+                                f"lost); train it anew: move {self.path} away, or give another --out")
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except Exception as err:  # noqa: BLE001 - a damaged file raises many types

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab import CifarlabError
-from cifarlab.config import Config, embeds_anchor_once
+from cifarlab.config import Config, embeds_anchor_once, same_class_pairs
 from cifarlab.data import Cifar10, data_digest, holdout_split, load_cifar10, mean_image
 from cifarlab.losses import classifier_loss, contrastive_loss, same_class_threshold
 from cifarlab.backbones import build_backbone
@@ -170,7 +170,7 @@ class SiameseTask:
         self.model = siamese_branch(cfg.dropout, cfg.init).to(device, memory_format=fmt)
         self.pool = ClassIndex(self.splits["train"].y, len(data.classes), "the training pool")
         if cfg.sampler == "anchor":
-            self.pool.require_partners(int(cfg.fraction_same * cfg.batch_size))
+            self.pool.require_partners(same_class_pairs(cfg.fraction_same, cfg.batch_size))
         if cfg.sampler == "random" and cfg.batch_size > len(self.splits["train"]):
             raise CifarlabError(f"the training pool ({len(self.splits['train'])} images) is smaller than a batch of "
                                 f"{cfg.batch_size} distinct anchors; use a smaller batch size, or more data")

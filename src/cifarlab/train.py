@@ -10,6 +10,7 @@ from cifarlab.config import NOT_COMPARED, Config, identity_differences
 from cifarlab.data import resolve_data_dir
 from cifarlab.distributed import launch
 from cifarlab.engine import Trainer, make_autocast
+from cifarlab.fileio import write_bytes
 from cifarlab.runs import RunDir
 from cifarlab.studies import build_task
 
@@ -48,9 +49,18 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
         trainer = Trainer(cfg, task, run, group.device, progress=progress, group=group)
         if resume is not None and not restart:
             trainer.resume()  # before config.toml is rewritten: a failed resume changes nothing
+        elif restart and group.is_main:
+            run.discard_after(0)  # rows logged before the crash that left no checkpoint
+        before = (run.path / "config.toml").read_bytes() if resume is not None and group.is_main else None
         if group.is_main:
             run.write_config(cfg, resumed=resume is not None and not restart)
-        summary = trainer.fit()
+        start = trainer.step
+        try:
+            summary = trainer.fit()
+        except BaseException:
+            if before is not None and trainer.step == start:  # nothing trained: the run is as it was
+                write_bytes(run.path / "config.toml", before)
+            raise
         if group.is_main:
             from cifarlab.plots import plot_curves  # matplotlib: only where something is drawn
 
@@ -74,20 +84,20 @@ def _check_resumable(run: RunDir, saved: Config, cfg: Config) -> bool:
     (only how long, where and how it runs may change). True when the run saved nothing yet (Ctrl-C
     or a failure before its first checkpoint): then it trains from the start, as cfg says."""
     reached = run.saved_step()
-    if reached is None and not (run.checkpoints / "last.pt").exists() and not run.weight_steps() and not run.metrics:
-        return True
+    if reached is None and not (run.checkpoints / "last.pt").exists() and not run.weight_steps():
+        return True  # (its metrics rows, if it logged before dying, are dropped)
     if reached is None:
         return False  # load_training_state says what is wrong with last.pt
     if cfg.steps < reached:
         raise CifarlabError(f"{run.path} has reached step {reached}; resuming it needs --steps of at least "
                             f"{reached} (got {cfg.steps})")
     changed = identity_differences(recorded_paths(saved), cfg)  # a weights path as recorded now
+    refused = [key for key in changed if key not in NOT_COMPARED]
+    if refused:
+        what = ", ".join(f"{key} {getattr(saved, key)!r} (asked: {getattr(cfg, key)!r})" for key in refused)
+        raise CifarlabError(f"{run.path} was trained with {what}; a resume keeps a run's settings (only --steps, "
+                            "--data, --device and how it runs may change): train a new run for other settings")
     if cfg.steps == reached and changed:
         raise CifarlabError(f"{run.path} has reached its {reached} steps, so nothing would train with the "
                             f"changed {', '.join(changed)}; give --steps above {reached} to train on")
-    changed = [key for key in changed if key not in NOT_COMPARED]
-    if changed:
-        what = ", ".join(f"{key} {getattr(saved, key)!r} (asked: {getattr(cfg, key)!r})" for key in changed)
-        raise CifarlabError(f"{run.path} was trained with {what}; a resume keeps a run's settings (only --steps, "
-                            "--data, --device and how it runs may change): train a new run for other settings")
     return False
