@@ -515,6 +515,20 @@ def test_on_cuda_a_task_that_syncs_falls_back_and_a_clean_one_is_captured(tmp_pa
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_a_captured_run_with_dropout_resumes_as_an_uninterrupted_one(tmp_path, deterministic_cuda):
+    """The warm-up before a capture draws dropout masks; they are undone, so a run captured anew
+    at a resume draws the masks an uninterrupted run drew there."""
+    data = synthetic_cifar()
+    cfg = small_cfg(device="cuda", dropout=0.3)
+    full, summary = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
+    assert summary["cuda_graph"] is True, summary.get("cuda_graph_failure")
+    first, _ = train(cfg.replace(steps=20), out=str(tmp_path / "part"), progress=False, data=data)
+    resumed, _ = train(cfg, resume=first.path, overrides={"steps": 40}, progress=False, data=data)
+    assert_close(resumed, full)
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_runs_resume_across_devices_and_a_compiled_step_is_captured(tmp_path, deterministic_cuda):
     """On a real GPU: a run saved on the CPU resumes captured on the GPU (Adam fused and
     capturable there), one saved on the GPU resumes on the CPU, and the torch.compile'd loss

@@ -254,8 +254,10 @@ class StepRunner:
                         t.copy_(saved_state[id(t)]) if id(t) in saved_state else t.zero_()
             self.loss_sum.copy_(sums[0])
             self.correct_sum.copy_(sums[1])
+        # The warm-up steps' dropout draws are undone too: a replay reads the generator's offset
+        # anew each time, so the run draws from where it was (a resumed run as an uninterrupted one)
+        set_rng_state(rng, self.device)
         if failure is not None:
-            set_rng_state(rng, self.device)  # the warm-up steps' dropout draws are undone too
             self.use_graph, self.graph_failure = False, failure
             warnings.warn(f"the training step cannot be captured as a CUDA graph ({failure}); "
                           "training without one (slower, same results)", RuntimeWarning, stacklevel=2)
