@@ -513,8 +513,9 @@ def _deeper_than_8_bits(im: Image.Image) -> str | None:
 def _decode(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
+            size = im.size  # from the header: a huge image is refused before it is decoded
             deep = _deeper_than_8_bits(im)
-            if deep is None:
+            if deep is None and size == IMAGE_SHAPE[1::-1]:
                 if im.mode == "P" and "transparency" in im.info:
                     im = im.convert("RGBA")  # P -> RGB directly warns (without the file's name)
                 pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
@@ -525,8 +526,8 @@ def _decode(path: str) -> np.ndarray:
             f"{path}: image has {deep} pixels (Pillow mode {im.mode}), cifarlab reads 8 bits per "
             "channel only: convert it to 8-bit RGB or remove it"
         )
-    if pixels.shape != IMAGE_SHAPE:
-        height, width = pixels.shape[:2]
+    if size != IMAGE_SHAPE[1::-1]:
+        width, height = size
         raise DataError(
             f"{path}: image is {width}x{height}, CIFAR-10 images are 32x32: resize or remove it"
         )
