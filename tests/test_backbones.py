@@ -273,6 +273,38 @@ def test_a_tensor_is_not_a_state_dict(tmp_path):
     expect_error(path, "holds a Tensor, not a state dict")
 
 
+def test_a_non_string_entry_name_or_a_sparse_tensor_is_one_line(vgg_state, tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({**vgg_state, 7: torch.zeros(1)}, path)
+    expect_error(path, "has an entry named 7, not a string")
+    torch.save({**vgg_state, "features.0.bias": torch.zeros(64).to_sparse()}, path)
+    expect_error(path, "'features.0.bias' is a torch.sparse_coo tensor, expected a dense one")
+
+
+def test_a_refused_pickle_prints_no_warning_of_torchs_above_the_error(tmp_path):
+    import warnings
+
+    path = tmp_path / "evil"  # no suffix: read as a torch file
+    torch.save({"features.0.weight": Payload()}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        expect_error(path, "cannot read", "holds more than tensors")
+
+
+def test_a_users_file_named_by_its_hash_is_checked_against_it(vgg_files, tmp_path):
+    good = tmp_path / f"vgg16-{sha256_of(vgg_files[0])[:8]}.pth"
+    shutil.copy(vgg_files[0], good)
+    assert vgg16_weights_path(str(good)) == good
+    bad = tmp_path / "vgg16-397923af.pth"  # torchvision's name, other content
+    shutil.copy(vgg_files[0], bad)
+    with pytest.raises(WeightsError) as err:
+        vgg16_weights_path(str(bad))
+    assert str(bad) in str(err.value) and "sha256" in str(err.value) and "re-download" not in str(err.value)
+    plain = tmp_path / "my-weights-2.pth"  # a short number is not a hash
+    shutil.copy(vgg_files[0], plain)
+    assert vgg16_weights_path(str(plain)) == plain
+
+
 def test_format_is_detected_by_content_without_a_known_suffix(vgg_files, tmp_path):
     path = tmp_path / "weights.data"
     shutil.copy(vgg_files[1], path)

@@ -179,6 +179,9 @@ def test_the_feature_cache_is_used_only_when_it_saves_backbone_work():
     assert not TransferTask.cache_pays(full.replace(refine_after=100), 50000, 60000)  # 12,800 images < 60,000
     assert TransferTask.cache_pays(full.replace(refine_after=1000), 50000, 60000)
     assert not TransferTask.cache_pays(full.replace(refine_after=0), 50000, 60000)
+    # a resume counts only the frozen steps still ahead: at step 9,900 of 10,000, 12,800 images
+    assert not TransferTask.cache_pays(full, 50000, 60000, start=full.steps - 100)
+    assert TransferTask.cache_pays(full, 50000, 60000, start=full.steps - 1000)
 
 
 def test_features_of_a_transfer_run_are_pool5_and_the_head(tmp_path, data):
@@ -222,3 +225,19 @@ def test_eval_and_features_need_no_weights_file_and_the_path_is_recorded_absolut
     torch.save(state, last)
     _, summary = train(transfer_cfg(), resume=run.path, overrides={"steps": 9}, progress=False, data=data)
     assert "lite 0.pth" in summary["backbone_weights"]  # the config's record, not the random init built
+
+
+def test_a_random_backbones_batch_norm_statistics_fit_its_inputs_so_it_can_learn(tmp_path, data):
+    """With BatchNorm's initial statistics (mean 0, variance 1), which TransferNet keeps, a random
+    Lite0's pool5 features are ~1e-10 and nothing trains; estimated on training images they are of
+    order 1, and refining from step 0 lowers the training loss."""
+    cfg = transfer_cfg(refine_after=0, steps=30, eval_every=10, checkpoint_every=30)
+    task = TransferTask(cfg, data, CPU, make_autocast("fp32", CPU), progress=False)
+    with torch.no_grad():
+        pool5 = task.model.eval().features(task.splits["test"].batch(torch.arange(8))[0], ["pool5"])["pool5"]
+    assert pool5.abs().mean() > 1e-2
+    assert "BatchNorm statistics estimated on 60 training images" in task.backbone.weights_source
+    run, summary = train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
+    train_losses = [row["loss"] for row in run.metrics if row["split"] == "train"]
+    assert train_losses[-1] < train_losses[0] - 0.2, train_losses
+    assert "BatchNorm statistics estimated" in summary["backbone_weights"]

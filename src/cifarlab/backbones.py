@@ -17,6 +17,7 @@ import http.client
 import math
 import os
 import re
+import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -475,6 +476,8 @@ def _user_file(weights: str, backbone: str) -> Path:
             f"{backbone} weights {weights!r}: no such file; give {IMAGENET!r}, {NO_WEIGHTS!r} "
             "(random) or the path of a weights file"
         )
+    if re.search(r"-[a-f0-9]{8,}\.", path.name):  # torchvision's naming: a sha256 prefix (8+ hex digits)
+        _check_hash(path, "replace it with an intact copy, or choose other backbone weights")
     return path
 
 
@@ -493,7 +496,9 @@ def _is_npz(path: Path) -> bool:
 def _read_torch_state(path: Path) -> Mapping:
     """Only tensors and plain containers are unpickled; code in the file is refused, not run."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a file it is about to refuse anyway
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip or pickle, refused global, ...: many types
         why = "it is truncated, corrupt, or holds more than tensors"
         raise WeightsError(_unreadable(path, err, why)) from None
@@ -522,6 +527,9 @@ def _check_names(
 ) -> None:
     """Every expected entry must be there, and nothing else but the `ignored` prefixes."""
     names = list(names)
+    odd = [name for name in names if not isinstance(name, str)]
+    if odd:
+        raise WeightsError(f"{path}: has an entry named {odd[0]!r}, not a string: not a state dict of {what}; {hint}")
     present = set(names)
     missing = [key for key in expected if key not in present]
     if missing:
@@ -535,6 +543,8 @@ def _checked(path: Path, key: str, value, shape: tuple[int, ...], hint: str) -> 
     """`value` as a tensor of `shape`, float32 unless it is a counter (num_batches_tracked)."""
     if not isinstance(value, torch.Tensor):
         raise WeightsError(f"{path}: {key!r} is a {type(value).__name__}, not a tensor; {hint}")
+    if value.layout != torch.strided:
+        raise WeightsError(f"{path}: {key!r} is a {value.layout} tensor, expected a dense one; {hint}")
     if tuple(value.shape) != shape:
         raise WeightsError(f"{path}: {key!r} has shape {tuple(value.shape)}, expected {shape}; {hint}")
     if key.endswith("num_batches_tracked"):
@@ -576,6 +586,6 @@ def _check_hash(path: Path, fix: str) -> None:
 
 def _fix(path: Path) -> str:
     """What to do about a bad file: cached downloads can be fetched anew, others replaced."""
-    if path.name == VGG16_FILE:
+    if path.name == VGG16_FILE and path.parent in (weights_cache_dir(), Path(torch.hub.get_dir()) / "checkpoints"):
         return "delete it and run again to re-download it"
     return "replace the file, or choose other backbone weights"

@@ -236,6 +236,36 @@ class TransferNet(StagedNet):
         return self
 
 
+BATCH_NORM_IMAGES = 2048  # training images a random backbone's BatchNorm statistics are estimated on
+
+
+def estimate_batch_norm_statistics(backbone: torch.nn.Module, images, seed: int,
+                                   count: int = BATCH_NORM_IMAGES, batch: int = 256) -> None:
+    """A random backbone's BatchNorm statistics, estimated once on random training images.
+
+    TransferNet keeps BatchNorm on its running statistics; a random backbone's (mean 0, variance
+    1) make a random EfficientNet-Lite0's pool5 features ~1e-10, on which nothing can train, not
+    even while refining. So `--backbone-weights none` is a random network with statistics that
+    fit its inputs, a baseline that says what ImageNet's weights add."""
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches
+    training = backbone.training
+    backbone.train()
+    with torch.no_grad():
+        for part in rows.to(images.y.device).split(batch):
+            backbone(images.batch(part)[0])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    backbone.train(training)
+    backbone.weights_source += f"; BatchNorm statistics estimated on {len(rows):,} training images"
+
+
 class TransferTask(ClassifierTask):
     """Study 3: backbone -> fc1 384 -> fc2 192 -> fc3 10; the backbone is frozen before step K
     (`refine_after`) and trains with the head from step K on.
@@ -260,22 +290,25 @@ class TransferTask(ClassifierTask):
         init_weights(head.values(), cfg.init)
         self.model = TransferNet(OrderedDict(pool5=backbone, **head)).to(device, memory_format=fmt)
         self.backbone = backbone
+        if load_weights and cfg.backbone_weights == "none":
+            estimate_batch_norm_statistics(backbone, self.splits["train"], cfg.seed)
         self.decayed = decayed_weights(self.model)
         self.shuffle = EpochShuffler(len(self.splits["train"]), cfg.batch_size, cfg.seed, device)
         self.refining = cfg.refine_after == 0
         backbone.requires_grad_(self.refining)
         self.cached: dict[str, torch.Tensor] = {}
         self.cache_seconds, self.cache_used, self.progress = 0.0, False, progress
-        self.cache_wanted = (not self.refining and cfg.feature_cache
-                             and self.cache_pays(cfg, len(self.splits["train"]), sum(map(len, self.splits.values()))))
+        self.cache_wanted: bool | None = None  # decided at the first frozen step this process trains
 
     @staticmethod
-    def cache_pays(cfg: Config, n_train: int, n_all: int) -> bool:
+    def cache_pays(cfg: Config, n_train: int, n_all: int, start: int = 0) -> bool:
         """Caching runs the backbone once over every image (n_all); training without it runs the
-        backbone over each batch and each evaluation while frozen. Cache only when that is more
-        (a run that refines after 100 steps would otherwise embed 60,000 images for 12,800)."""
-        frozen = cfg.steps if cfg.refine_after < 0 else min(cfg.refine_after, cfg.steps)
-        evaluations = frozen // cfg.eval_every
+        backbone over each batch and each evaluation of the frozen steps from `start` (a resume's
+        step) on. Cache only when that is more (a run that refines after 100 steps would
+        otherwise embed 60,000 images for 12,800)."""
+        end = cfg.steps if cfg.refine_after < 0 else min(cfg.refine_after, cfg.steps)
+        frozen = max(end - start, 0)
+        evaluations = max(end // cfg.eval_every - start // cfg.eval_every, 0)
         return frozen * cfg.batch_size + evaluations * (n_all - n_train) > n_all
 
     def summary(self) -> dict:
@@ -302,6 +335,10 @@ class TransferTask(ClassifierTask):
         step, after any checkpoint was loaded: evaluating or analysing a run never builds one, and
         so never scores a refined backbone's run on the frozen backbone's features."""
         if self.refining or self.cfg.refine_after < 0 or step < self.cfg.refine_after:
+            if self.cache_wanted is None:
+                n_all = sum(map(len, self.splits.values()))
+                self.cache_wanted = (not self.refining and self.cfg.feature_cache
+                                     and self.cache_pays(self.cfg, len(self.splits["train"]), n_all, start=step))
             if self.cache_wanted and not self.refining and not self.cached:
                 self._cache_features()
             return []
