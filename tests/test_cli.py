@@ -79,6 +79,9 @@ def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
     assert first.split()[0] == run.name and first.split()[-1] == "0.0" and second.split()[-1] == "0.5"
     rows = (tmp_path / "cmp.csv").read_text().splitlines()
     assert rows[0].startswith("run,study,step,steps,finished,test_accuracy") and len(rows) == 3
+    config = (other / "config.toml").read_bytes()
+    one_error_line(run_cli("compare", run, other, "--csv", other / "config.toml"), "give a file name ending in .csv")
+    assert (other / "config.toml").read_bytes() == config  # a slip of the finger overwrites nothing
     shutil.copytree(run, tmp_path / "a" / "same")
     shutil.copytree(other, tmp_path / "b" / "same")
     folders = run_cli("compare", tmp_path / "a", tmp_path / "b")  # same names: the folders tell them apart

@@ -16,7 +16,7 @@ from cifarlab import CifarlabError
 from cifarlab.config import Config
 from cifarlab.distributed import TORCHRUN_ENV, Distributed
 from cifarlab.train import train
-from conftest import write_cifar_python
+from conftest import calibrated_lite0, save_lite0_file, write_cifar_python
 from synthetic import synthetic_cifar
 from test_train import metric_values
 
@@ -100,14 +100,16 @@ def ranks(cwd, study, *args, nproc=2):
 def assert_same_weights(a, b, step, lr=SHARED["lr"]):
     """Equal within float tolerance, with one allowance: Adam divides by sqrt(v) + eps, so where
     a gradient is ~0 a rounding-level difference (the batch sum is split over two ranks) can move
-    a weight by up to about the learning rate. A few such entries in a million may differ more."""
+    a weight by up to about the learning rate. Up to one entry in 10,000 may differ more (a
+    refining Lite0's 1x1 convolutions have a few dozen a million); a rank that missed the
+    all-reduce, or averaged wrongly, makes most of them differ."""
     wa = load_file(str(a / "checkpoints" / f"step-{step}.safetensors"))
     wb = load_file(str(b / "checkpoints" / f"step-{step}.safetensors"))
     assert wa.keys() == wb.keys()  # plain names, no DDP "module." prefix
     for name in wa:
         diff = (wa[name] - wb[name]).abs()
         off = int((diff > ATOL).sum())
-        assert off <= wa[name].numel() // 100_000, f"{name} at step {step}: {off} differ, up to {diff.max():.2e}"
+        assert off <= wa[name].numel() // 10_000, f"{name} at step {step}: {off} differ, up to {diff.max():.2e}"
         assert diff.max() <= 2 * lr * step, f"{name} at step {step}: differs by {diff.max():.2e}"
 
 
@@ -157,8 +159,12 @@ def test_siamese_two_processes_equal_one(tmp_path, cifar_dir):
 
 
 def test_transfer_rewraps_ddp_when_the_backbone_unfreezes(tmp_path, cifar_dir):
+    # A weights file, not "none": a random backbone's BatchNorm statistics are estimated on
+    # images, and a process of fewer threads sums them in another order (1e-5 apart), which
+    # training then spreads; here both runs start from the same statistics.
+    weights = save_lite0_file(calibrated_lite0(), tmp_path / "lite0.pth")
     settings = dict(SHARED, steps=6, batch_size=8, eval_every=3, checkpoint_every=3, refine_after=3,
-                    backbone="efficientnet-lite0", backbone_weights="none")
+                    backbone="efficientnet-lite0", backbone_weights=str(weights))
     one, _ = train(Config.for_study("transfer", data=str(cifar_dir), **settings), out=str(tmp_path / "one"),
                    progress=False)
     ranks(tmp_path, "transfer", "--out", "two", *flags(data=cifar_dir, **settings))

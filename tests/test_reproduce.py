@@ -442,6 +442,20 @@ def test_report_guards_the_users_figures_and_says_which_curves_it_could_not_draw
     write_report(out)
     md = (out / "report.md").read_text()
     assert "Missing: classifier-b64: its metrics.csv has no rows." in md
+    # one run's damaged files cost that run's rows and curves, not the report
+    damaged = out / "classifier-b64-wd0.01" / "config.toml"
+    kept = damaged.read_bytes()
+    damaged.write_text("steps = [not toml")
+    curves = out / "classifier-b64-wd0.005" / "metrics.csv"
+    rows = curves.read_bytes()
+    curves.write_text("step,split\nx,y\n")
+    write_report(out)
+    md = (out / "report.md").read_text()
+    (row,) = [line for line in md.splitlines() if line.startswith("| Section 1.3.1 (Figure 5), batch 64, weight decay 0.01 |")]
+    assert "unreadable: " in row and "config.toml" in row
+    assert "classifier-b64-wd0.005: " in md and "metrics.csv: its header is not" in md
+    damaged.write_bytes(kept)
+    curves.write_bytes(rows)
     # --set batch_size=16 made each batch-128 run its batch-64 twin: the banner says so
     same = next(line for line in md.splitlines() if "SAME RUNS: " in line)
     assert "classifier-b128, classifier-b64;" in same and "classifier-b128-dropout0.5, classifier-b64-dropout0.5" in same

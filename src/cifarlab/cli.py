@@ -289,6 +289,8 @@ def compare(
     from cifarlab.fileio import write_text
     from cifarlab.runs import compare_runs
 
+    if csv_out is not None and csv_out.suffix.lower() != ".csv":  # not onto a run's config.toml, say
+        raise CifarlabError(f"--csv {csv_out}: give a file name ending in .csv")
     differing, rows = compare_runs(runs)
     shown = [key for key in differing if key != "steps"]  # the step column says it
     table = Table(show_edge=False, header_style="bold")

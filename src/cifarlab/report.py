@@ -87,7 +87,13 @@ class ReportData:
         from cifarlab.config import read_toml
         from cifarlab.runs import current_summary
 
-        self._configs = {n: read_toml(self.root / n / "config.toml") for n in self.present}
+        self._configs, self._damaged = {}, {}
+        for name in self.present:  # one run's damaged config.toml costs that run's rows, not the report
+            try:
+                self._configs[name] = read_toml(self.root / name / "config.toml")
+            except CifarlabError as err:
+                self._damaged[name] = str(err)
+        self.present = [n for n in self.present if n in self._configs]
         self._summaries = {n: current_summary(read_json(self.root / n / "summary.json"),
                                               self._configs[n].get("steps"))
                            for n in self.present}
@@ -101,6 +107,7 @@ class ReportData:
                 self._summaries[name] = {}
                 self._planned_steps[name] = planned
         self._metrics: dict[str, list[dict]] = {}
+        self._metrics_errors: dict[str, str] = {}
 
     def summary(self, name: str) -> dict:
         return self._summaries.get(name, {})
@@ -112,8 +119,15 @@ class ReportData:
         from cifarlab.runs import RunDir
 
         if name not in self._metrics:
-            self._metrics[name] = RunDir(self.root / name).read_metrics()
+            try:
+                self._metrics[name] = RunDir(self.root / name).read_metrics()
+            except CifarlabError as err:  # the run's curves are missing, the report goes on
+                self._metrics[name], self._metrics_errors[name] = [], str(err)
         return self._metrics[name]
+
+    def no_curves(self, name: str) -> str:
+        """Why a finished run has no curves to draw."""
+        return self._metrics_errors.get(name, "its metrics.csv has no rows")
 
     def ovr(self, name: str, layer: str) -> dict | None:
         from cifarlab.analysis import read_ovr
@@ -122,6 +136,8 @@ class ReportData:
 
     def why_missing(self, name: str) -> str:
         """Why preset `name` has no result: skipped, failed, unfinished or not run."""
+        if name in self._damaged:
+            return f"unreadable: {self._damaged[name]}"
         record = self.state.get("runs", {}).get(name)
         if record and record.get("status") in ("skipped", "failed"):
             return f"{record['status']}: {record.get('note', '')}"
@@ -318,7 +334,7 @@ def build_figures(data: ReportData, folder: Path) -> list[Figure]:
         missing = [n for n in names if n not in have]
         reasons: dict[str, list[str]] = {}  # runs that share a reason (a skipped backbone's) are named together
         for n in missing:
-            reasons.setdefault(data.why_missing(n) if not data.summary(n) else "its metrics.csv has no rows", []).append(n)
+            reasons.setdefault(data.why_missing(n) if not data.summary(n) else data.no_curves(n), []).append(n)
         note = "".join(f" {', '.join(runs)}: {why}." for why, runs in reasons.items())
         if not have:
             figures.append(Figure(title, caption + " Not drawn:" + note, None, names))
