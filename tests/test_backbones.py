@@ -291,18 +291,16 @@ def test_a_refused_pickle_prints_no_warning_of_torchs_above_the_error(tmp_path):
         expect_error(path, "cannot read", "holds more than tensors")
 
 
-def test_a_users_file_named_by_its_hash_is_checked_against_it(vgg_files, tmp_path):
-    good = tmp_path / f"vgg16-{sha256_of(vgg_files[0])[:8]}.pth"
-    shutil.copy(vgg_files[0], good)
-    assert vgg16_weights_path(str(good)) == good
-    bad = tmp_path / "vgg16-397923af.pth"  # torchvision's name, other content
+def test_a_users_copy_of_torchvisions_file_is_checked_against_the_hash_in_its_name(vgg_files, tmp_path):
+    bad = tmp_path / VGG16_FILE  # torchvision's name, other content
     shutil.copy(vgg_files[0], bad)
     with pytest.raises(WeightsError) as err:
         vgg16_weights_path(str(bad))
     assert str(bad) in str(err.value) and "sha256" in str(err.value) and "re-download" not in str(err.value)
-    plain = tmp_path / "my-weights-2.pth"  # a short number is not a hash
-    shutil.copy(vgg_files[0], plain)
-    assert vgg16_weights_path(str(plain)) == plain
+    for name in ("my-weights-2.pth", "vgg16-20240315.pth"):  # other names are not torchvision's: no hash in them
+        plain = tmp_path / name
+        shutil.copy(vgg_files[0], plain)
+        assert vgg16_weights_path(str(plain)) == plain
 
 
 def test_format_is_detected_by_content_without_a_known_suffix(vgg_files, tmp_path):

@@ -82,6 +82,9 @@ def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
     config = (other / "config.toml").read_bytes()
     one_error_line(run_cli("compare", run, other, "--csv", other / "config.toml"), "give a file name ending in .csv")
     assert (other / "config.toml").read_bytes() == config  # a slip of the finger overwrites nothing
+    metrics = (other / "metrics.csv").read_bytes()
+    one_error_line(run_cli("compare", run, other, "--csv", other / "metrics.csv"), "is inside a run folder")
+    assert (other / "metrics.csv").read_bytes() == metrics
     shutil.copytree(run, tmp_path / "a" / "same")
     shutil.copytree(other, tmp_path / "b" / "same")
     folders = run_cli("compare", tmp_path / "a", tmp_path / "b")  # same names: the folders tell them apart
@@ -318,16 +321,19 @@ def test_checkpoints_of_another_network_or_damaged_give_one_line(trained, tmp_pa
 def test_output_paths_that_cannot_be_written_give_one_line(trained, tmp_path):
     data, run = trained[0], trained[1]
     (tmp_path / "a-file").write_text("mine")
-    folder = tmp_path / "folder"
+    folder, csv_folder = tmp_path / "folder", tmp_path / "table.csv"
     folder.mkdir()
+    csv_folder.mkdir()
     train = ("train", "classifier", "--data", data, "--steps", 1, "--batch-size", 8, "--device", "cpu", "--quiet")
     one_error_line(run_cli(*train, "--out", tmp_path / "a-file"), "a-file: is a file, not a run directory")
     one_error_line(run_cli(*train, "--out", tmp_path / "a-file" / "run"), "a-file", "Not a directory")
     one_error_line(run_cli("plot", run, "--out", tmp_path / "curves.txt"), "not an image file name", ".png")
     one_error_line(run_cli("plot", run, "--out", folder), "not an image file name")
-    one_error_line(run_cli("compare", run, "--csv", folder), "folder", "Is a directory")
+    one_error_line(run_cli("compare", run, "--csv", folder), "give a file name ending in .csv")
+    one_error_line(run_cli("compare", run, "--csv", csv_folder), "table.csv", "Is a directory")
     assert (tmp_path / "a-file").read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder"] and not any(folder.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder", "table.csv"]
+    assert not any(folder.iterdir()) and not any(csv_folder.iterdir())
 
 
 def test_ctrl_c_exits_130_with_one_line_saying_how_to_go_on(trained, tmp_path, monkeypatch):

@@ -339,11 +339,14 @@ def test_a_killed_downloads_stale_temporary_is_removed_and_a_live_one_kept(tmp_p
     assert not stale.exists() and live.exists()
 
 
-@pytest.mark.parametrize("where", ["split", "class", "named-train"])
+@pytest.mark.parametrize("where", ["split", "class", "named-train", "renamed-split"])
 def test_data_at_a_split_or_class_folder_is_refused_and_nothing_downloaded(tmp_path, monkeypatch, where):
     monkeypatch.setattr(fileio.urllib.request, "urlopen", None)  # any download attempt would fail loudly
     root = make_image_folders(tmp_path / "data", 2)
-    target = {"split": root / "test", "class": root / "test" / "cat", "named-train": tmp_path / "train"}[where]
+    if where == "renamed-split":  # a split folder by its content, whatever its name
+        (root / "test").rename(root / "testing")
+    target = {"split": root / "test", "class": root / "test" / "cat", "named-train": tmp_path / "train",
+              "renamed-split": root / "testing"}[where]
     target.mkdir(exist_ok=True)
     before = files_under(tmp_path)
     with pytest.raises(DataError) as err:

@@ -97,19 +97,19 @@ def ranks(cwd, study, *args, nproc=2):
     assert [p.returncode for p in procs] == [0] * nproc, output
 
 
-def assert_same_weights(a, b, step, lr=SHARED["lr"]):
+def assert_same_weights(a, b, step, lr=SHARED["lr"], allowance=100_000):
     """Equal within float tolerance, with one allowance: Adam divides by sqrt(v) + eps, so where
     a gradient is ~0 a rounding-level difference (the batch sum is split over two ranks) can move
-    a weight by up to about the learning rate. Up to one entry in 10,000 may differ more (a
-    refining Lite0's 1x1 convolutions have a few dozen a million); a rank that missed the
-    all-reduce, or averaged wrongly, makes most of them differ."""
+    a weight by up to about the learning rate. One entry in `allowance` may differ more (a few
+    in a million for the ConvNet; a refining Lite0's 1x1 convolutions have a few dozen a
+    million); a rank that missed the all-reduce, or averaged wrongly, makes most of them differ."""
     wa = load_file(str(a / "checkpoints" / f"step-{step}.safetensors"))
     wb = load_file(str(b / "checkpoints" / f"step-{step}.safetensors"))
     assert wa.keys() == wb.keys()  # plain names, no DDP "module." prefix
     for name in wa:
         diff = (wa[name] - wb[name]).abs()
         off = int((diff > ATOL).sum())
-        assert off <= wa[name].numel() // 10_000, f"{name} at step {step}: {off} differ, up to {diff.max():.2e}"
+        assert off <= wa[name].numel() // allowance, f"{name} at step {step}: {off} differ, up to {diff.max():.2e}"
         assert diff.max() <= 2 * lr * step, f"{name} at step {step}: differs by {diff.max():.2e}"
 
 
@@ -171,7 +171,7 @@ def test_transfer_rewraps_ddp_when_the_backbone_unfreezes(tmp_path, cifar_dir):
     backbone = "stages.pool5.body._conv_stem.weight"
     before, after = (load_file(str(tmp_path / "two" / "checkpoints" / f"step-{s}.safetensors")) for s in (3, 6))
     assert not torch.equal(before[backbone], after[backbone])  # the backbone trained after K
-    assert_same_weights(one.path, tmp_path / "two", 6)
+    assert_same_weights(one.path, tmp_path / "two", 6, allowance=10_000)
 
 
 def test_distributed_outside_torchrun_is_a_clear_error(tmp_path, monkeypatch, cifar_dir):

@@ -229,6 +229,15 @@ def test_a_run_extended_past_a_last_step_off_the_eval_cadence_equals_an_uninterr
     assert metric_values(resumed.path) == metric_values(full.path)  # the train mean at 30 covers 21..30
 
 
+def test_tensorboard_drops_the_off_cadence_point_of_a_run_extended_past_it(tmp_path):
+    data = synthetic_cifar()
+    cfg = small_cfg(tensorboard=True)
+    short, _ = train(cfg.replace(steps=25), out=str(tmp_path / "run"), progress=False, data=data)
+    assert tensorboard_steps(short.path, "test/accuracy") == [10, 20, 25]
+    train(cfg, resume=short.path, overrides={"steps": 40}, progress=False, data=data)
+    assert tensorboard_steps(short.path, "test/accuracy") == [10, 20, 30, 40]
+
+
 def test_a_run_that_died_after_logging_but_before_any_checkpoint_trains_anew_on_resume(tmp_path, monkeypatch):
     data = synthetic_cifar()
     cfg = small_cfg(steps=20, eval_every=5, checkpoint_every=10, tensorboard=True)
@@ -253,6 +262,21 @@ def test_tensorboard_keeps_no_duplicates_of_steps_a_crashed_attempt_logged_past_
     restore()
     resumed, _ = train(cfg, resume=tmp_path / "run", progress=False, data=data)
     assert tensorboard_steps(resumed.path, "train/loss") == [5, 10, 15, 20]
+
+
+def test_resuming_to_a_ctrl_c_step_on_the_eval_cadence_saves_its_weights(tmp_path, monkeypatch):
+    from cifarlab.runs import RunDir
+
+    data = synthetic_cifar()
+    cfg = small_cfg()  # eval every 10, checkpoints every 20
+    restore = _build_with(monkeypatch, InterruptAt(9))  # stops after step 10: logged, but no weights saved
+    with pytest.raises(CifarlabError, match="interrupted at step 10"):
+        train(cfg, out=str(tmp_path / "cut"), progress=False, data=data)
+    restore()
+    assert RunDir(tmp_path / "cut").weight_steps() == []
+    resumed, summary = train(cfg, resume=tmp_path / "cut", overrides={"steps": 10}, progress=False, data=data)
+    assert summary["steps"] == 10 and RunDir(resumed.path).weight_steps() == [10]
+    assert [r["step"] for r in RunDir(resumed.path).read_metrics()] == [10, 10]  # logged once
 
 
 def test_resuming_to_exactly_the_step_ctrl_c_saved_at_logs_and_saves_that_last_step(tmp_path, monkeypatch):
@@ -282,16 +306,16 @@ def test_a_resume_drops_weights_an_abandoned_attempt_saved_past_its_last_pt(tmp_
     assert RunDir(run.path).weight_steps() == [10, 15]
 
 
-def test_a_resume_that_fails_before_its_first_step_leaves_config_toml_as_it_was(tmp_path, monkeypatch):
+def test_a_resume_that_fails_before_its_first_step_leaves_the_run_as_it_was(tmp_path, monkeypatch):
     data = synthetic_cifar()
-    cfg = small_cfg(steps=10, checkpoint_every=10)
+    cfg = small_cfg(steps=25, checkpoint_every=10)  # its last step, 25, is off the eval cadence
     run, _ = train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
-    before = (run.path / "config.toml").read_bytes()
-    restore = _build_with(monkeypatch, CrashAt(10))  # the first step of the resume
+    files = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    restore = _build_with(monkeypatch, CrashAt(25))  # the first step of the resume
     with pytest.raises(SystemError):
-        train(cfg, resume=run.path, overrides={"steps": 20, "dropout": 0.0}, progress=False, data=data)
+        train(cfg, resume=run.path, overrides={"steps": 40}, progress=False, data=data)
     restore()
-    assert (run.path / "config.toml").read_bytes() == before
+    assert {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()} == files  # its row at 25 too
 
 
 def test_runs_started_at_once_never_share_a_folder(tmp_path):
@@ -304,7 +328,7 @@ def test_runs_started_at_once_never_share_a_folder(tmp_path):
     assert first.path != second.path and (second.path / "config.toml").is_file()
     mine, theirs = (RunDir.create(str(tmp_path / "out"), "classifier") for _ in range(2))
     mine.materialise()
-    with pytest.raises(CifarlabError, match="already exists and is not empty"):
+    with pytest.raises(CifarlabError, match="another run started in it just now; choose another --out"):
         theirs.materialise()
 
 

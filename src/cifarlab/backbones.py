@@ -476,7 +476,7 @@ def _user_file(weights: str, backbone: str) -> Path:
             f"{backbone} weights {weights!r}: no such file; give {IMAGENET!r}, {NO_WEIGHTS!r} "
             "(random) or the path of a weights file"
         )
-    if re.search(r"-[a-f0-9]{8,}\.", path.name):  # torchvision's naming: a sha256 prefix (8+ hex digits)
+    if path.name == VGG16_FILE:  # torchvision's own file, by its name: its sha256 prefix is in it
         _check_hash(path, "replace it with an intact copy, or choose other backbone weights")
     return path
 

@@ -291,6 +291,8 @@ def compare(
 
     if csv_out is not None and csv_out.suffix.lower() != ".csv":  # not onto a run's config.toml, say
         raise CifarlabError(f"--csv {csv_out}: give a file name ending in .csv")
+    if csv_out is not None and (csv_out.parent / "config.toml").is_file():  # its metrics.csv, say
+        raise CifarlabError(f"--csv {csv_out}: is inside a run folder; write the table elsewhere")
     differing, rows = compare_runs(runs)
     shown = [key for key in differing if key != "steps"]  # the step column says it
     table = Table(show_edge=False, header_style="bold")

@@ -641,7 +641,7 @@ def _file_stats(top: Path, depth: int) -> list[str]:
                         pending.append((entry.path, level + 1))
                 elif entry.is_file():
                     # ctime and inode too: a copy that keeps size and mtime (cp -p, rsync -a)
-                    # still makes a new inode and ctime, which nobody can set back
+                    # still changes the ctime (nobody can set it back), a new file's inode too
                     st = entry.stat()
                     stats.append(f"{label}/{entry.path[skip:]}\0{st.st_size}\0{st.st_mtime_ns}"
                                  f"\0{st.st_ctime_ns}\0{st.st_dev}:{st.st_ino}")

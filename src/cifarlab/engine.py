@@ -388,7 +388,8 @@ class Trainer:
         self.runner = StepRunner(task, self.optimizer, self.autocast, self._use_graph(), self.group,
                                  compile_loss=cfg.compile)
         self.step = 0
-        self._first_step = 0  # the step this process began (or resumed) at
+        self._purge_from = 1  # TensorBoard drops events from this step on (another attempt's)
+        self._discard: tuple[int, int] | None = None  # see discard_after
         self.writer = None
         # cumulative over resumes: time in fit()'s loop, the part of it spent evaluating/logging,
         # and one-off work before the loop (the transfer study's feature cache): wall time, not training
@@ -486,9 +487,20 @@ class Trainer:
         # step's weights and last.pt); the log of a last step off the eval cadence is not part
         # of a longer run (an uninterrupted one has none there): both go.
         keep = self.step if self._on_cadence(self.step) or self.step >= self.cfg.steps else self.step - 1
-        self.run.metrics = [row for row in self.run.metrics if row["step"] <= keep]
-        if self.group.is_main:
-            self.run.discard_after(self.step, keep)
+        self.discard_after(self.step, keep)
+
+    def discard_after(self, step: int, rows_upto: int) -> None:
+        """Drop the metrics rows after `rows_upto` and the weights files after `step`: from the
+        records in memory now, from disk once the first step has trained (a resume that fails
+        before it leaves the run's files as they were)."""
+        self.run.metrics = [row for row in self.run.metrics if row["step"] <= rows_upto]
+        self._discard = (step, rows_upto)
+        self._purge_from = rows_upto + 1  # TensorBoard: what was logged after the rows kept
+
+    def _apply_discard(self) -> None:
+        if self._discard is not None and self.group.is_main:
+            self.run.discard_after(*self._discard, metrics=self.run.metrics)
+        self._discard = None
 
     _IMPLEMENTATION = ("capturable", "foreach", "fused")
 
@@ -513,7 +525,7 @@ class Trainer:
 
             # events after the step this process started from are another attempt's (a crashed
             # one logged past its last checkpoint): TensorBoard drops them
-            self.writer = SummaryWriter(str(self.run.path / "tb"), purge_step=self._first_step + 1)
+            self.writer = SummaryWriter(str(self.run.path / "tb"), purge_step=self._purge_from)
         return self.writer
 
     def _wall(self) -> float:
@@ -554,12 +566,16 @@ class Trainer:
     def _on_cadence(self, step: int) -> bool:
         return step % self.cfg.eval_every == 0
 
-    def _log_and_save(self) -> dict[str, tuple[float, float]]:
-        """The last step's evaluation and checkpoint."""
-        self.model.eval()
-        results = self._log()
-        self.model.train()
-        self.save_checkpoint()
+    def _finish_saved_step(self) -> dict[str, tuple[float, float]]:
+        """Resumed to exactly the step a Ctrl-C saved at: that step's log and weights, where the
+        interrupted process did not write them (off its cadences), as the run's last step has."""
+        results = {}
+        if not any(row["step"] == self.step for row in self.run.metrics):
+            self.model.eval()
+            results = self._log()
+            self.model.train()
+        if self.step not in self.run.weight_steps():
+            self.save_checkpoint()
         return results
 
     # -- the loop ----------------------------------------------------------------------------
@@ -567,7 +583,8 @@ class Trainer:
         """Train to cfg.steps; the summary (None on ranks other than 0)."""
         cfg = self.cfg
         self.model.train()
-        self._first_step = self.step
+        if self._discard is None:
+            self._purge_from = self.step + 1
         # before the clock and the Ctrl-C flag: a one-off pass such as the transfer study's
         # feature cache is not training time (but wall time), and Ctrl-C stops it at once
         self._prepare()
@@ -576,9 +593,9 @@ class Trainer:
         last = {}
         tick_at = time.perf_counter()
         try:
-            if self.step == cfg.steps and not any(row["step"] == self.step for row in self.run.metrics):
-                # resumed to exactly the step a Ctrl-C saved at: only the last step's log is missing
-                last = self._log_and_save()
+            if self.step == cfg.steps:
+                self._apply_discard()
+                last = self._finish_saved_step()
             with _InterruptFlag(enabled=not self.group.distributed) as interrupt:
                 while self.step < cfg.steps:
                     self._sync_phase()
@@ -587,6 +604,7 @@ class Trainer:
                         bar.set_postfix_str("compiling the step (torch.compile)", refresh=True)
                     self.runner.run(self.step)
                     self.step += 1
+                    self._apply_discard()  # the first step trained: the resume stands
                     if compiling:
                         bar.set_postfix(_postfix(last) if last else {}, refresh=False)
                     log_now = self._on_cadence(self.step) or self.step == cfg.steps

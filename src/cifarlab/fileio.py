@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -138,7 +139,8 @@ def _network(url: str) -> Iterator[None]:
     try:
         yield
     except (OSError, http.client.HTTPException) as err:
-        reason = getattr(err, "reason", None) or err  # URLError wraps the socket's error
+        # URLError wraps the socket's error; an HTTPError says its status itself ("HTTP Error 404: ...")
+        reason = err if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", None) or err
         raise NetworkError(str(reason) or type(err).__name__) from err
 
 

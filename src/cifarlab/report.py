@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarlab import CifarlabError, __version__
-from cifarlab.config import NOT_COMPARED, NOT_IDENTITY
+from cifarlab.config import NOT_COMPARED, NOT_IDENTITY, READ_BY
 from cifarlab.fileio import read_json, write_text
 from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
 from cifarlab.reproduce import GROUPS
@@ -180,8 +180,10 @@ class ReportData:
         """{setting: (this run's value, the preset's)} where the run was trained otherwise than its
         preset says (reproduce --set), read from the run's own config.toml."""
         cfg, preset = self.config(name), self.presets[name].config().to_dict()
+        study = self.presets[name].study
         return {key: (cfg[key], value) for key, value in preset.items()
-                if key not in _SAID_ELSEWHERE and key in cfg and cfg[key] != value}
+                if key not in _SAID_ELSEWHERE and key in cfg and cfg[key] != value
+                and study in READ_BY.get(key, (study,))}  # not val_tuples of a ConvNet run, say
 
     def common_changes(self) -> tuple[dict, list[str]]:
         """(the changed settings every run here shares, with their value; the runs changed at all).

@@ -142,9 +142,8 @@ class RunDir:
             try:
                 os.close(os.open(self.path / "config.toml", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
                 break  # ours; write_config replaces it at once
-            except FileExistsError:
+            except FileExistsError:  # it was free when this run was created
                 if claim is True:
-                    _check_free(self.path)  # says what is there
                     raise CifarlabError(f"{self.path}: another run started in it just now; choose another --out") \
                         from None
                 self.path = stamped_path(*claim)
@@ -218,10 +217,12 @@ class RunDir:
             raise CifarlabError(f"{path}: line {line} is not a metrics row; the file is damaged") from None
         return rows
 
-    def discard_after(self, step: int, rows_upto: int | None = None) -> None:
+    def discard_after(self, step: int, rows_upto: int | None = None, metrics: list[dict] | None = None) -> None:
         """Drop what a resumed run at `step` will write anew: metrics rows after `rows_upto`
-        (default `step`) and weights files after `step`."""
-        self.metrics = [row for row in self.read_metrics() if row["step"] <= (step if rows_upto is None else rows_upto)]
+        (default `step`) and weights files after `step`. `metrics`: the rows to keep, when the
+        caller holds them (rows logged since included)."""
+        upto = step if rows_upto is None else rows_upto
+        self.metrics = metrics if metrics is not None else [row for row in self.read_metrics() if row["step"] <= upto]
         self.write_metrics()
         for later in self.weight_steps():
             if later > step:

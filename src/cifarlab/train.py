@@ -49,8 +49,8 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
         trainer = Trainer(cfg, task, run, group.device, progress=progress, group=group)
         if resume is not None and not restart:
             trainer.resume()  # before config.toml is rewritten: a failed resume changes nothing
-        elif restart and group.is_main:
-            run.discard_after(0)  # rows logged before the crash that left no checkpoint
+        elif restart:
+            trainer.discard_after(0, 0)  # rows logged before the crash that left no checkpoint
         before = (run.path / "config.toml").read_bytes() if resume is not None and group.is_main else None
         if group.is_main:
             run.write_config(cfg, resumed=resume is not None and not restart)
