@@ -37,6 +37,18 @@ def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
     return cache
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_at_a_terminal():
+    """Python's own Ctrl-C handler during every test, as a program started at a terminal has it:
+    a suite started in the background (`make test &`, or by a CI runner that does) inherits
+    SIGINT ignored, and cifarlab, rightly, leaves an ignored Ctrl-C ignored."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def tiny_arrays(n_per_class: int, seed: int = 0) -> dict:
     """Random but reproducible images; labels cycle through the 10 classes."""
     rng = np.random.default_rng(seed)

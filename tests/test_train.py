@@ -193,6 +193,18 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
     assert metric_values(resumed.path) == metric_values(full.path)
 
 
+def test_a_run_started_with_ctrl_c_ignored_keeps_it_ignored(tmp_path, monkeypatch):
+    """nohup, or a job a script starts in the background: SIGINT ignored from the start. Training
+    must not take Ctrl-C back (it would stop a run its user made immune to it)."""
+    data = synthetic_cifar()
+    cfg = small_cfg(steps=20)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the fixture puts the terminal's handler back after
+    restore = _build_with(monkeypatch, InterruptAt(5))
+    run, summary = train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
+    restore()
+    assert summary["steps"] == 20 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 class CrashAt:
     """Wraps a task and makes the process 'die' (an error nothing catches) when a step's batch is drawn."""
 

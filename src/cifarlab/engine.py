@@ -356,7 +356,10 @@ class _InterruptFlag:
         self._previous = None
 
     def __enter__(self):
-        if self.enabled and threading.current_thread() is threading.main_thread():
+        # A process started with Ctrl-C ignored (nohup, a job a script put in the background)
+        # keeps it ignored, as Python itself does.
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
