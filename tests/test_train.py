@@ -164,12 +164,15 @@ class InterruptAt:
     def __init__(self, step):
         self.step = step
 
+    def happen(self):
+        os.kill(os.getpid(), signal.SIGINT)
+
     def __call__(self, task):
         draw = task.train_inputs
 
         def train_inputs(step):
             if step == self.step:
-                os.kill(os.getpid(), signal.SIGINT)
+                self.happen()
             return draw(step)
 
         task.train_inputs = train_inputs
@@ -205,22 +208,11 @@ def test_a_run_started_with_ctrl_c_ignored_keeps_it_ignored(tmp_path, monkeypatc
     assert summary["steps"] == 20 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
-class CrashAt:
+class CrashAt(InterruptAt):
     """Wraps a task and makes the process 'die' (an error nothing catches) when a step's batch is drawn."""
 
-    def __init__(self, step):
-        self.step = step
-
-    def __call__(self, task):
-        draw = task.train_inputs
-
-        def train_inputs(step):
-            if step == self.step:
-                raise SystemError("the process died here")
-            return draw(step)
-
-        task.train_inputs = train_inputs
-        return task
+    def happen(self):
+        raise SystemError("the process died here")
 
 
 def _build_with(monkeypatch, wrapper):

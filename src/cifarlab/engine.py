@@ -392,7 +392,7 @@ class Trainer:
                                  compile_loss=cfg.compile)
         self.step = 0
         self._purge_from = 1  # TensorBoard drops events from this step on (another attempt's)
-        self._discard: tuple[int, int] | None = None  # see discard_after
+        self._discard: int | None = None  # see discard_after
         self.writer = None
         # cumulative over resumes: time in fit()'s loop, the part of it spent evaluating/logging,
         # and one-off work before the loop (the transfer study's feature cache): wall time, not training
@@ -497,12 +497,12 @@ class Trainer:
         records in memory now, from disk once the first step has trained (a resume that fails
         before it leaves the run's files as they were)."""
         self.run.metrics = [row for row in self.run.metrics if row["step"] <= rows_upto]
-        self._discard = (step, rows_upto)
+        self._discard = step
         self._purge_from = rows_upto + 1  # TensorBoard: what was logged after the rows kept
 
     def _apply_discard(self) -> None:
         if self._discard is not None and self.group.is_main:
-            self.run.discard_after(*self._discard, metrics=self.run.metrics)
+            self.run.discard_after(self._discard, self.run.metrics)
         self._discard = None
 
     _IMPLEMENTATION = ("capturable", "foreach", "fused")
@@ -566,6 +566,12 @@ class Trainer:
         self.clock["eval"] += time.perf_counter() - eval_start
         return results
 
+    def _evaluate_and_log(self) -> dict[str, tuple[float, float]]:
+        self.model.eval()
+        results = self._log()
+        self.model.train()
+        return results
+
     def _on_cadence(self, step: int) -> bool:
         return step % self.cfg.eval_every == 0
 
@@ -574,9 +580,7 @@ class Trainer:
         interrupted process did not write them (off its cadences), as the run's last step has."""
         results = {}
         if not any(row["step"] == self.step for row in self.run.metrics):
-            self.model.eval()
-            results = self._log()
-            self.model.train()
+            results = self._evaluate_and_log()
         if self.step not in self.run.weight_steps():
             self.save_checkpoint()
         return results
@@ -613,9 +617,7 @@ class Trainer:
                     log_now = self._on_cadence(self.step) or self.step == cfg.steps
                     ckpt_now = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
                     if log_now:
-                        self.model.eval()
-                        last = self._log()
-                        self.model.train()
+                        last = self._evaluate_and_log()
                         if bar is not None:
                             bar.set_postfix(_postfix(last), refresh=False)
                     if ckpt_now:

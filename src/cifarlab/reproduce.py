@@ -147,6 +147,12 @@ def _move_aside(path: Path) -> Path:
     return target
 
 
+def _record(run: PlannedRun, status: str, note: str) -> dict:
+    """What reproduce.json keeps of a run: what became of it, why, and the steps it was planned
+    for (the report tells a shorter run's result from the planned one's by them)."""
+    return {"status": status, "note": note, "steps": run.config.steps}
+
+
 def _one_line(err: BaseException) -> str:
     """A run's failure for the report: a CifarlabError's own line, else the exception and where."""
     if isinstance(err, CifarlabError):
@@ -219,7 +225,7 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
     for run in runs:
         state = run_state(run)
         if state == "finished":
-            records[run.name] = {"status": "finished", "note": "already finished: skipped", "steps": run.config.steps}
+            records[run.name] = _record(run, "finished", "already finished: skipped")
             log(f"  {run.name:<26} already finished")
             continue
         if run.config.study == "transfer":
@@ -227,8 +233,7 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
             if key not in weights:
                 weights[key] = weights_problem(run.config, progress)
             if weights[key] is not None:
-                records[run.name] = {"status": "skipped", "note": f"backbone weights unavailable: {weights[key]}",
-                                     "steps": run.config.steps}
+                records[run.name] = _record(run, "skipped", f"backbone weights unavailable: {weights[key]}")
                 log(f"  {run.name:<26} skipped: backbone weights unavailable")
                 continue
         if state == "restart":
@@ -244,12 +249,11 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
     for run, resume in todo:
         try:
             train_one(run.config.to_dict(), str(run.path), resume, progress=progress, data=data)
-            records[run.name] = {"status": "finished", "note": "resumed" if resume else "trained",
-                                 "steps": run.config.steps}
+            records[run.name] = _record(run, "finished", "resumed" if resume else "trained")
         except TrainingInterrupted as err:  # Ctrl-C stops reproduce as a whole
             raise TrainingInterrupted(f"{err}. Run the same `cifarlab reproduce` again to go on") from None
         except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
-            records[run.name] = {"status": "failed", "note": _one_line(err), "steps": run.config.steps}
+            records[run.name] = _record(run, "failed", _one_line(err))
             log(f"  {run.name} failed: {_one_line(err)}")
     return records
 
@@ -331,7 +335,7 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker) -> d
                     if status == "interrupted":
                         interrupted = True
                         continue
-                    records[run.name] = {"status": status, "note": note, "steps": run.config.steps}
+                    records[run.name] = _record(run, status, note)
                     if status == "failed":
                         log(f"  {run.name} failed: {note}")
                     bar.set_postfix_str(f"{run.name} {status}", refresh=False)

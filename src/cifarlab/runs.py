@@ -217,12 +217,10 @@ class RunDir:
             raise CifarlabError(f"{path}: line {line} is not a metrics row; the file is damaged") from None
         return rows
 
-    def discard_after(self, step: int, rows_upto: int | None = None, metrics: list[dict] | None = None) -> None:
-        """Drop what a resumed run at `step` will write anew: metrics rows after `rows_upto`
-        (default `step`) and weights files after `step`. `metrics`: the rows to keep, when the
-        caller holds them (rows logged since included)."""
-        upto = step if rows_upto is None else rows_upto
-        self.metrics = metrics if metrics is not None else [row for row in self.read_metrics() if row["step"] <= upto]
+    def discard_after(self, step: int, metrics: list[dict]) -> None:
+        """What a resumed run at `step` will write anew goes: metrics.csv keeps only `metrics` (the
+        rows the resume kept), and weights files after `step` are removed."""
+        self.metrics = metrics
         self.write_metrics()
         for later in self.weight_steps():
             if later > step:

@@ -221,6 +221,10 @@ class SiameseTask:
         return out
 
 
+def batch_norms(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 class TransferNet(StagedNet):
     """A pretrained backbone (stage `pool5`) under the ConvNet's fc head.
 
@@ -230,9 +234,8 @@ class TransferNet(StagedNet):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for m in self.stages["pool5"].modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        for m in batch_norms(self.stages["pool5"]):
+            m.eval()
         return self
 
 
@@ -247,7 +250,7 @@ def estimate_batch_norm_statistics(backbone: torch.nn.Module, images, seed: int,
     1) make a random EfficientNet-Lite0's pool5 features ~1e-10, on which nothing can train, not
     even while refining. So `--backbone-weights none` is a random network with statistics that
     fit its inputs, a baseline that says what ImageNet's weights add."""
-    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = batch_norms(backbone)
     if not norms:
         return
     rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
