@@ -581,3 +581,66 @@ def test_runs_trained_otherwise_are_refused_before_any_data_is_loaded(reproduced
     monkeypatch.setattr(cifarlab.data, "load_cifar10", no_loading)
     with pytest.raises(CifarlabError, match="classifier-b128 was trained with other settings: lr"):
         reproduce(out, data=reproduced[1], only="study1", **dict(QUICK, overrides={**QUICK["overrides"], "lr": 1e-3}))
+
+
+def test_analysis_during_training_is_made_while_later_runs_train_and_equals_the_one_after(reproduced, tmp_path,
+                                                                                           monkeypatch):
+    """`--analysis during`: the reference run's OvR and t-SNE come from a process of their own
+    while a later run trains (that run waits for them: after training, it would wait forever),
+    with the numbers the analysis after training gave."""
+    import time
+
+    import cifarlab.reproduce as rep
+    from cifarlab.analysis import read_ovr, read_tsne
+
+    first_out, data, _, _ = reproduced
+    out = tmp_path / "out"
+    shutil.copytree(first_out, out)
+    reference, last = out / "classifier-b128", [r.name for r in plan(tmp_path, ["study1"], 1.0)][-1]
+    before = {layer: read_ovr(reference, layer)["accuracy"] for layer in ("flatten", "fc1", "fc2")}
+    shutil.rmtree(reference / "analysis")  # to be made again
+    shutil.rmtree(out / last)  # to be trained again
+    train_one, waited = rep.train_one, []
+
+    def train_last_after_the_analysis(config, path, resume, *args, **kwargs):
+        deadline = time.monotonic() + 120
+        while not (read_ovr(reference, "fc2") and read_tsne(reference, "fc2")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        waited.append((Path(path).name, bool(read_tsne(reference, "fc2"))))
+        return train_one(config, path, resume, *args, **kwargs)
+
+    monkeypatch.setattr(rep, "train_one", train_last_after_the_analysis)
+    log = []
+    state = reproduce(out, data=data, only="study1", analysis="during", log=log.append, **QUICK)
+    assert waited == [(last, True)]
+    assert state["unanalysed"] == [] and state["failed"] == []
+    assert {layer: read_ovr(reference, layer)["accuracy"] for layer in before} == before
+    assert any("classifier-b128" in line and "OvR fc2" in line for line in log)
+    # a second call finds every analysis up to date and starts none
+    log.clear()
+    reproduce(out, data=data, only="study1", analysis="during", log=log.append, **QUICK)
+    assert not any("OvR" in line or "t-SNE" in line for line in log)
+
+
+def test_analysis_beside_training_reports_a_killed_process_and_stop_ends_a_running_one(tmp_path, monkeypatch):
+    import cifarlab.reproduce as rep
+    from fake_workers import analyse_hang_or_die
+
+    monkeypatch.setattr(rep, "ANALYSES", {"a": ("fc2",), "b-die": ("fc2",), "c-hang": ("fc2",)})
+    log = []
+    background = rep.AnalysisBesideTraining(tmp_path, 10, log.append, worker=analyse_hang_or_die)
+    for name in ("a", "b-die", "not-analysed", "a"):
+        background.submit(name)
+    assert background.finish() == {"a": None, "b-die": "analysis failed: its process was killed by SIGKILL "
+                                                    "(out of memory?)"}
+    assert log == ["  a analysed", "  b-die" + " " * 21 + " analysis failed: its process was killed by SIGKILL "
+                   "(out of memory?)"]
+    background.submit("c-hang")
+    proc = background.current[0]
+    background.stop()
+    assert not proc.is_alive() and background.current is None and "c-hang" not in background.done
+
+
+def test_analysis_when_is_checked(tmp_path):
+    with pytest.raises(CifarlabError, match="--analysis must be one of auto, during, after \\(got 'soon'\\)"):
+        reproduce(tmp_path / "out", data=tmp_path / "no-data", **{**QUICK, "analysis": "soon"})

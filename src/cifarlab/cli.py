@@ -427,6 +427,10 @@ def reproduce_cmd(
     backbone_weights: Annotated[Optional[str], typer.Option(
         help="Weights of the study-3 backbone: imagenet or a file. [default: imagenet]")] = None,
     tsne_points: Annotated[int, typer.Option(help="Points per t-SNE figure.")] = 10000,
+    analysis: Annotated[str, typer.Option(
+        help="When the OvR and t-SNE analysis runs: during (each finished run's, in a process of its own while "
+        "the next runs train: the CPU is free while a GPU trains), after (the training), or auto: during "
+        "when the runs train on a GPU.")] = "auto",
     set_: Annotated[Optional[List[str]], typer.Option(
         "--set", help="KEY=VALUE: a setting for every run, e.g. --set precision=bf16 (repeatable).")] = None,
     quiet: QuietOpt = False,
@@ -439,7 +443,8 @@ def reproduce_cmd(
 
     state = reproduce(out, data=data, only=only, steps_scale=steps_scale, jobs=jobs, max_evals=max_evals,
                       device=device, transfer_backbone=transfer_backbone, backbone_weights=backbone_weights,
-                      tsne_points=tsne_points, overrides=parse_settings(set_), progress=not quiet)
+                      tsne_points=tsne_points, overrides=parse_settings(set_), progress=not quiet,
+                      analysis=analysis)
     failed, unanalysed = state["failed"], state["unanalysed"]
     print(f"done in {state['wall_seconds']:.1f} s: {state['report']['html']}  {state['report']['md']}")
     problems = [f"{len(failed)} run(s) failed: {', '.join(failed)}"] * bool(failed) + \

@@ -199,6 +199,32 @@ def _worker(conn, config: dict, path: str, resume: bool, threads: int | None) ->
     conn.close()
 
 
+def _spawn(target, args: tuple, name: str):
+    """(process, receiving end of its pipe): `target(send_end, *args)` started in a spawned process.
+    Not daemonic: a run may start processes of its own (decoding images when the data cache
+    could not be written)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(send, *args), name=name)
+    proc.start()
+    send.close()  # the child's end: only the child holds it now
+    return proc, receive
+
+
+def _result_of(proc, receive):
+    """What a worker process sent before it ended, or None. Processes it forked may still hold the
+    pipe's other end, so no data now means none will come (not "wait for EOF")."""
+    proc.join()
+    try:
+        result = receive.recv() if receive.poll() else None
+    except EOFError:
+        result = None
+    receive.close()
+    return result
+
+
 def _death(exitcode: int | None) -> str:
     """Why a worker process ended without a result, for the report."""
     import signal
@@ -211,12 +237,14 @@ def _death(exitcode: int | None) -> str:
 
 
 def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=None,
-            log=print) -> dict[str, dict]:
+            log=print, background: AnalysisBesideTraining | None = None) -> dict[str, dict]:
     """Train what is not finished, `jobs` runs at a time; returns {preset: record}.
 
     A run that fails is recorded with its reason and the others go on; Ctrl-C stops the lot
-    (the runs in progress save first) with a CifarlabError that says how to go on.
+    (the runs in progress save first) with a CifarlabError that says how to go on. Each finished
+    run is handed to `background`, if given, for its analysis while the others train.
     """
+    finished = background.submit if background is not None else (lambda name: None)
     from cifarlab.engine import TrainingInterrupted
 
     records: dict[str, dict] = {}
@@ -227,6 +255,7 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
         if state == "finished":
             records[run.name] = _record(run, "finished", "already finished: skipped")
             log(f"  {run.name:<26} already finished")
+            finished(run.name)
             continue
         if run.config.study == "transfer":
             key = (run.config.backbone, run.config.backbone_weights)
@@ -245,11 +274,12 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
         return records
     jobs = max(1, min(jobs, len(todo)))
     if jobs > 1:
-        return {**records, **_execute_parallel(todo, jobs, progress, log)}
+        return {**records, **_execute_parallel(todo, jobs, progress, log, background=background)}
     for run, resume in todo:
         try:
             train_one(run.config.to_dict(), str(run.path), resume, progress=progress, data=data)
             records[run.name] = _record(run, "finished", "resumed" if resume else "trained")
+            finished(run.name)
         except TrainingInterrupted as err:  # Ctrl-C stops reproduce as a whole
             raise TrainingInterrupted(f"{err}. Run the same `cifarlab reproduce` again to go on") from None
         except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
@@ -274,19 +304,18 @@ def estimated_cost(cfg: Config) -> float:
     return cfg.batch_size * (refining * BACKBONE_STEP_COST + (cfg.steps - refining) * 0.1)
 
 
-def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker) -> dict[str, dict]:
+def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
+                      background: AnalysisBesideTraining | None = None) -> dict[str, dict]:
     """Each run in a process of its own: its own CUDA context (or CPU threads), and a process
     that dies (killed, out of memory) takes only its own run with it.
 
     Runs are handed out longest first, a run only when a slot is free, so after Ctrl-C no queued
     run starts. `worker` is the process's function (tests swap it).
     """
-    import multiprocessing as mp
     from multiprocessing.connection import wait
 
     from tqdm.auto import tqdm
 
-    ctx = mp.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     records: dict[str, dict] = {}
     queue = sorted(todo, key=lambda item: -estimated_cost(item[0].config))  # stable: preset order on ties
@@ -295,24 +324,11 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker) -> d
     running: dict = {}  # process sentinel -> (process, receiving end of its pipe, run)
 
     def start(run, resume) -> None:
-        receive, send = ctx.Pipe(duplex=False)
-        # not daemonic: a run may start processes of its own (decoding images when the data
-        # cache could not be written)
-        proc = ctx.Process(target=worker, args=(send, run.config.to_dict(), str(run.path), resume, threads),
-                           name=f"cifarlab-{run.name}")
-        proc.start()
-        send.close()  # the child's end: only the child holds it now
+        proc, receive = _spawn(worker, (run.config.to_dict(), str(run.path), resume, threads), f"cifarlab-{run.name}")
         running[proc.sentinel] = (proc, receive, run)
 
     def finish(proc, receive, run) -> tuple[str, str]:
-        proc.join()
-        # The result was sent before the process ended. Processes the run forked may still hold
-        # the pipe's other end, so no data here means none will come (not "wait for EOF").
-        try:
-            result = receive.recv() if receive.poll() else None
-        except EOFError:
-            result = None
-        receive.close()
+        result = _result_of(proc, receive)
         if result is not None:
             return result
         if interrupted:  # Ctrl-C ended the process before its run began
@@ -329,6 +345,8 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker) -> d
                 # A sentinel fires when its process ends, or, if the run forked processes that
                 # outlive it, only when they end too: look at the processes themselves as well.
                 ready = set(wait(list(running), timeout=1.0))
+                if background is not None:
+                    background.pump()
                 for sentinel in [s for s in running if s in ready or not running[s][0].is_alive()]:
                     proc, receive, run = running.pop(sentinel)
                     status, note = finish(proc, receive, run)
@@ -338,6 +356,8 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker) -> d
                     records[run.name] = _record(run, status, note)
                     if status == "failed":
                         log(f"  {run.name} failed: {note}")
+                    elif background is not None:
+                        background.submit(run.name)
                     bar.set_postfix_str(f"{run.name} {status}", refresh=False)
                     bar.update(1)
             except KeyboardInterrupt:  # the runs got it too: they save and stop at their next step
@@ -397,48 +417,156 @@ ANALYSES = {  # preset -> layers its tables and figures need
 }
 
 
-def analyse(out: Path, records: dict[str, dict], tsne_points: int, progress: bool = True, log=print) -> None:
-    """OvR (seed protocol) and t-SNE (`tsne_points` test images) on the layers the report looks
-    at, skipped when up to date. A failure is recorded in the run's record, not raised."""
+def analyse_run(out: Path, name: str, tsne_points: int, progress: bool = True, log=print) -> str | None:
+    """OvR (seed protocol) and t-SNE (`tsne_points` test images) of one finished run, on the layers
+    the report looks at, skipped when up to date; returns why they could not be made (None when
+    they were, or were already)."""
     from cifarlab.analysis import data_key, read_ovr, read_tsne, run_ovr, run_tsne
     from cifarlab.runs import RunDir
 
-    for name, layers in ANALYSES.items():
-        path = out / name
+    path, layers = out / name, ANALYSES[name]
+    step = _latest_step(path)
+    if step is None:  # finished, but its checkpoints were removed since
+        if all(read_ovr(path, layer) and read_tsne(path, layer) for layer in layers):
+            return None
+        why = ("analysis not possible: the run has no checkpoints/step-N.safetensors left; move the run "
+               "away and run reproduce again to train it anew")
+        log(f"  {name:<26} {why}")
+        return why
+    try:
+        source = data_key(RunDir(path).config(), None)
+        stale = [layer for layer in layers if not _ovr_fresh(path, layer, step, source)]
+        if stale:
+            for row in run_ovr(path, stale, protocol="seed", seed=ANALYSIS_SEED, progress=progress):
+                log(f"  {name:<26} OvR {row['layer']:<9} {row['accuracy']:.4f} ({row['fit_seconds']:.1f} s)")
+        if not all(_tsne_fresh(path, layer, step, tsne_points, source) for layer in layers):
+            res = run_tsne(path, list(layers), perplexity=TSNE_PERPLEXITY, max_points=tsne_points,
+                           seed=ANALYSIS_SEED, progress=progress)
+            log(f"  {name:<26} t-SNE of {res['points']} points: {', '.join(res['layers'])}")
+    except Exception as err:  # noqa: BLE001 - the report says why a number is missing
+        why = f"analysis failed: {_one_line(err)}"
+        log(f"  {name:<26} {why}")
+        return why
+    return None
+
+
+def analyse(out: Path, records: dict[str, dict], tsne_points: int, progress: bool = True, log=print,
+            done: dict[str, str | None] | None = None) -> None:
+    """The analysis of every finished run that needs one, but those in `done` (made beside the
+    training: name -> why it failed, or None); a failure is noted in the run's record, not raised."""
+    done = done or {}
+    for name in ANALYSES:
         if records.get(name, {}).get("status") != "finished":
             continue
-        step = _latest_step(path)
-        if step is None:  # finished, but its checkpoints were removed since
-            if not all(read_ovr(path, layer) and read_tsne(path, layer) for layer in layers):
-                why = ("analysis not possible: the run has no checkpoints/step-N.safetensors left; move the run "
-                       "away and run reproduce again to train it anew")
-                records[name]["analysis"] = why
-                log(f"  {name:<26} {why}")
-            continue
-        try:
-            source = data_key(RunDir(path).config(), None)
-            stale = [layer for layer in layers if not _ovr_fresh(path, layer, step, source)]
-            if stale:
-                for row in run_ovr(path, stale, protocol="seed", seed=ANALYSIS_SEED, progress=progress):
-                    log(f"  {name:<26} OvR {row['layer']:<9} {row['accuracy']:.4f} ({row['fit_seconds']:.1f} s)")
-            if not all(_tsne_fresh(path, layer, step, tsne_points, source) for layer in layers):
-                res = run_tsne(path, list(layers), perplexity=TSNE_PERPLEXITY, max_points=tsne_points,
-                               seed=ANALYSIS_SEED, progress=progress)
-                log(f"  {name:<26} t-SNE of {res['points']} points: {', '.join(res['layers'])}")
-        except Exception as err:  # noqa: BLE001 - the report says why a number is missing
-            records[name]["analysis"] = f"analysis failed: {_one_line(err)}"
-            log(f"  {name:<26} analysis failed: {_one_line(err)}")
+        why = done[name] if name in done else analyse_run(out, name, tsne_points, progress, log)
+        if why:
+            records[name]["analysis"] = why
+
+
+def _analysis_worker(conn, out: str, name: str, tsne_points: int) -> None:
+    """One run's analysis in a process of its own (spawned); sends (log lines, why it failed) back.
+
+    Niced, so that the training beside it keeps its core; Ctrl-C is the main process's to handle
+    (it ends this one, whose results are written atomically or not at all)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    lines: list[str] = []
+    try:
+        why = analyse_run(Path(out), name, tsne_points, progress=False, log=lines.append)
+    except BaseException as err:  # noqa: BLE001 - reported, not raised
+        why = f"analysis failed: {_one_line(err)}"
+    conn.send((lines[-50:], why[:2000] if why else None))
+    conn.close()
+
+
+class AnalysisBesideTraining:
+    """The analyses of finished runs, one at a time in a process of their own, while the next
+    runs train. OvR and t-SNE are CPU work, and a run training on a GPU leaves the CPU's cores
+    idle, so on a GPU this takes the analysis off the study's wall time (on a CPU the two would
+    share the cores: there the analysis waits until the training is done)."""
+
+    def __init__(self, out: Path, tsne_points: int, log=print, worker=_analysis_worker):
+        self.out, self.tsne_points, self.log, self.worker = out, tsne_points, log, worker
+        self.queue: list[str] = []
+        self.current = None  # (process, receiving end of its pipe, name)
+        self.done: dict[str, str | None] = {}
+
+    def submit(self, name: str) -> None:
+        """Queue the analysis of a run that has just finished (runs without one are ignored)."""
+        running = self.current[2] if self.current is not None else None
+        if name in ANALYSES and name not in (*self.done, *self.queue, running):
+            self.queue.append(name)
+        self.pump()
+
+    def pump(self) -> None:
+        """Collect an analysis that has ended and start the next; never waits."""
+        if self.current is not None and not self.current[0].is_alive():
+            self._collect()
+        if self.current is None and self.queue:
+            name = self.queue.pop(0)
+            self.current = (*_spawn(self.worker, (str(self.out), name, self.tsne_points),
+                                    f"cifarlab-analysis-{name}"), name)
+
+    def _collect(self) -> None:
+        proc, receive, name = self.current
+        result = _result_of(proc, receive)
+        self.current = None
+        if result is None:
+            result = [], f"analysis failed: {_death(proc.exitcode)}"
+            self.log(f"  {name:<26} {result[1]}")
+        lines, why = result
+        for line in lines:
+            self.log(line)
+        self.done[name] = why
+
+    def finish(self) -> dict[str, str | None]:
+        """Wait for every queued analysis; {run: why it failed, or None}."""
+        while self.current is not None or self.queue:
+            if self.current is not None:
+                self.current[0].join()
+            self.pump()
+        return self.done
+
+    def stop(self) -> None:
+        """End the analysis in progress and drop the queue (Ctrl-C, or an error in reproduce)."""
+        self.queue.clear()
+        if self.current is not None:
+            proc, receive, _ = self.current
+            proc.terminate()
+            proc.join()
+            receive.close()
+            self.current = None
 
 
 # --- the whole thing ----------------------------------------------------------------------------
+
+ANALYSIS_WHEN = ("auto", "during", "after")
+
+
+def _analyse_during(analysis: str, device: str) -> bool:
+    if analysis != "auto":
+        return analysis == "during"
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None = None, only: str | None = None,
               steps_scale: float = 1.0, jobs: int = 1, max_evals: int | None = None, device: str = "auto",
               transfer_backbone: str | None = None, backbone_weights: str | None = None,
               tsne_points: int = 10000, overrides: dict | None = None, progress: bool = True,
-              log=print) -> dict:
+              analysis: str = "auto", log=print) -> dict:
     """Train, analyse, report. Returns the state written to DIR/reproduce.json, plus where the report
-    went and which of this call's runs failed or could not be analysed."""
+    went and which of this call's runs failed or could not be analysed.
+
+    `analysis`: `during` the training (each finished run's, beside the next runs: see
+    AnalysisBesideTraining), `after` it, or `auto`: during when the runs train on a GPU."""
     from cifarlab.data import load_cifar10
     from cifarlab.report import check_report_files, write_report
 
@@ -453,6 +581,8 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     check_device(device)  # no GPU for --device cuda: one line now, not one failure per run
     if max_evals is not None and max_evals < 1:
         raise CifarlabError(f"--max-evals must be >= 1 (got {max_evals})")
+    if analysis not in ANALYSIS_WHEN:
+        raise CifarlabError(f"--analysis must be one of {', '.join(ANALYSIS_WHEN)} (got {analysis!r})")
     if tsne_points < 2:
         raise CifarlabError(f"--tsne-points must be at least 2 (got {tsne_points})")
     if backbone_weights not in (None, "imagenet", "none") and not Path(backbone_weights).expanduser().is_file():
@@ -471,9 +601,17 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     previous = read_json(state_path)
     log(f"reproducing {', '.join(groups)} into {out} (steps x {steps_scale:g}, {jobs} job(s) at a time)")
     start = time.perf_counter()
-    records = execute(runs, jobs, progress, data=dataset, log=log)
-    train_seconds = time.perf_counter() - start
-    analyse(out, records, min(tsne_points, len(dataset.test_labels)), progress, log)
+    points = min(tsne_points, len(dataset.test_labels))
+    background = AnalysisBesideTraining(out, points, log) if _analyse_during(analysis, device) else None
+    try:
+        records = execute(runs, jobs, progress, data=dataset, log=log, background=background)
+        train_seconds = time.perf_counter() - start
+        done = background.finish() if background is not None else {}
+    except BaseException:
+        if background is not None:
+            background.stop()
+        raise
+    analyse(out, records, points, progress, log, done=done)
     state = {
         "cifarlab_version": __version__,
         "command": " ".join(["cifarlab", *sys.argv[1:]]) if sys.argv and "cifarlab" in sys.argv[0] else None,
