@@ -46,6 +46,16 @@ def test_eval_reproduces_the_logged_test_accuracy(trained):
     assert f"step 6 test:" in res.stdout and f"accuracy {acc:.4f}" in res.stdout
     missing = run_cli("eval", run, "--checkpoint", 5, "--data", data)
     assert missing.returncode != 0 and "no checkpoint at step 5; available: 3, 6" in missing.stderr
+    assert "note:" not in res.stdout
+
+
+def test_eval_on_other_images_than_the_run_trained_on_says_so(trained, tmp_path):
+    data, run, _ = trained
+    other = make_image_folders(tmp_path / "other", 5)
+    res = run_cli("eval", run, "--data", other, "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"note: {other} holds other images than {run.name} trained on;")
+    assert "step 6 test:" in res.stdout
 
 
 def test_resume_extends_a_finished_run(trained, tmp_path):

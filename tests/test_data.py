@@ -87,6 +87,16 @@ def test_archive_with_matching_md5_is_extracted_and_loaded(tmp_path):
     assert (again.layout, again.from_cache, again.cache) == ("cifar-python", True, ds.cache)
 
 
+def test_an_archive_named_by_data_whose_pickles_were_extracted_before_says_they_were_read(tmp_path):
+    """--data names the archive, but the pickles extracted beside it earlier are what is read:
+    the archive's md5 vouches for the archive, not for them (they may have been changed since)."""
+    archive, md5 = make_tar(tmp_path / "data", N)
+    assert load(archive, expected_md5=md5).checksum == "md5 ok"  # extracts it
+    again = load(archive, expected_md5=md5)
+    assert (again.layout, again.source) == ("tar.gz", archive)
+    assert again.checksum == f"md5 ok (archive); read from the {BATCHES_DIR}/ extracted beside it earlier (not checked)"
+
+
 def test_jpeg_image_folders_load(tmp_path):
     root = make_image_folders(tmp_path / "data", N, fmt="jpg")
     ds = load(root)

@@ -243,6 +243,10 @@ def eval_run(
     task = build_task(cfg, dev, autocast, for_checkpoint=True)
     step = rundir.load_weights(task.model, checkpoint)
     task.model.eval()
+    trained_on = rundir.trained_data_digest() if data is not None else None
+    if trained_on and trained_on != task.data_digest:
+        print(f"note: {data} holds other images than {rundir.name} trained on; the numbers below are for "
+              "them (less the mean image of their own train split, as in training)")
     for split, (loss, acc) in task.evaluate().items():
         print(f"{rundir.name} step {step} {split}: loss {loss:.4f} accuracy {acc:.4f}")
 

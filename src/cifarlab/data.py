@@ -146,6 +146,8 @@ def load_cifar10(
         folder, tops = source, [source / "train", source / "test"]
         read = functools.partial(_read_image_folders, source, progress)
     else:
+        if layout == "tar.gz" and checksum.startswith("md5 ok") and (source.parent / BATCHES_DIR).is_dir():
+            checksum = f"md5 ok (archive); read from the {BATCHES_DIR}/ extracted beside it earlier (not checked)"
         folder = _extract(source) if layout == "tar.gz" else source
         tops, read = [folder], functools.partial(_read_batches, folder)
     if cache:

@@ -279,14 +279,22 @@ class RunDir:
                                 "resume is not possible from it: train the run anew")
         return state
 
-    def saved_step(self) -> int | None:
-        """The step last.pt was saved at (Ctrl-C saves it between checkpoints), None without a
-        readable one. Memory-mapped: the step is read, not the optimizer's tensors."""
-        path = self.checkpoints / "last.pt"
+    def _saved(self, key: str):
+        """One value of last.pt, None without a readable one. Memory-mapped: the value is read,
+        not the optimizer's tensors."""
         try:
-            return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+            return torch.load(self.checkpoints / "last.pt", map_location="cpu", weights_only=True, mmap=True).get(key)
         except Exception:  # noqa: BLE001 - missing or damaged: the run's other files still tell
             return None
+
+    def saved_step(self) -> int | None:
+        """The step last.pt was saved at (Ctrl-C saves it between checkpoints)."""
+        step = self._saved("step")
+        return int(step) if step is not None else None
+
+    def trained_data_digest(self) -> str | None:
+        """The data_digest of the images the run trained on, as last.pt records it."""
+        return self._saved("data_digest")
 
     def last_good_hint(self) -> str:
         steps = self.weight_steps()
