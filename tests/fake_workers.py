@@ -14,12 +14,24 @@ def finish_or_die(conn, config: dict, path: str, resume: bool, threads) -> None:
 
 
 def analyse_hang_or_die(conn, out: str, name: str, tsne_points: int) -> None:
-    """Stands in for reproduce's analysis worker: the run named "...-die" is killed; "...-hang"
-    never ends (and ignores Ctrl-C, as the real one does); others report one log line."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Stands in for reproduce's analysis worker, set up as the real one is: the run named "...-die"
+    is killed; "...-hang" starts a process of its own, writes both pids to OUT/NAME.pids and never
+    ends; others report one log line."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from cifarlab.reproduce import become_analysis_process
+
+    become_analysis_process()
     if name.endswith("-die"):
         os.kill(os.getpid(), signal.SIGKILL)
     if name.endswith("-hang"):
-        signal.pause()
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        pids = Path(out) / f"{name}.pids"
+        pids.with_suffix(".tmp").write_text(f"{os.getpid()} {child.pid}")
+        pids.with_suffix(".tmp").rename(pids)
+        time.sleep(600)
     conn.send(([f"  {name} analysed"], None))
     conn.close()

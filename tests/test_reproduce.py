@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cifarlab import CifarlabError
@@ -616,13 +617,44 @@ def test_analysis_during_training_is_made_while_later_runs_train_and_equals_the_
     assert state["unanalysed"] == [] and state["failed"] == []
     assert {layer: read_ovr(reference, layer)["accuracy"] for layer in before} == before
     assert any("classifier-b128" in line and "OvR fc2" in line for line in log)
-    # a second call finds every analysis up to date and starts none
+    for folder, when in ((out, "during"), (first_out, "after")):  # the report says which, and what it cost after
+        assert re.search(rf"[\d,.]+ s of training, then [\d,.]+ s for the analysis \(made {when} the training\)",
+                         (folder / "report.md").read_text())
+    coords = {layer: read_tsne(reference, layer)["coords"] for layer in before}
+    for layer, xy in coords.items():
+        np.testing.assert_allclose(xy, read_tsne(first_out / "classifier-b128", layer)["coords"], rtol=1e-4, atol=1e-4)
+    # a second call finds every analysis up to date and makes none anew
     log.clear()
-    reproduce(out, data=data, only="study1", analysis="during", log=log.append, **QUICK)
-    assert not any("OvR" in line or "t-SNE" in line for line in log)
+    state = reproduce(out, data=data, only="study1", analysis="during", log=log.append, **QUICK)
+    assert state["unanalysed"] == [] and not any("OvR" in line or "t-SNE" in line for line in log)
 
 
-def test_analysis_beside_training_reports_a_killed_process_and_stop_ends_a_running_one(tmp_path, monkeypatch):
+def _pids_of(path: Path, timeout: float = 60) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [int(pid) for pid in path.read_text().split()]
+
+
+def _gone(pids: list[int], timeout: float = 10) -> bool:
+    """Whether every process is gone (or a zombie) within `timeout` seconds."""
+    import time
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(alive(pid) for pid in pids)
+
+
+def test_analysis_beside_training_leaves_a_killed_one_for_after_and_stop_ends_a_running_one(tmp_path, monkeypatch):
     import cifarlab.reproduce as rep
     from fake_workers import analyse_hang_or_die
 
@@ -631,14 +663,55 @@ def test_analysis_beside_training_reports_a_killed_process_and_stop_ends_a_runni
     background = rep.AnalysisBesideTraining(tmp_path, 10, log.append, worker=analyse_hang_or_die)
     for name in ("a", "b-die", "not-analysed", "a"):
         background.submit(name)
-    assert background.finish() == {"a": None, "b-die": "analysis failed: its process was killed by SIGKILL "
-                                                    "(out of memory?)"}
-    assert log == ["  a analysed", "  b-die" + " " * 21 + " analysis failed: its process was killed by SIGKILL "
-                   "(out of memory?)"]
+    assert background.finish() == {"a": None}
+    assert background.died == {"b-die": "its analysis process was killed by SIGKILL (out of memory?)"}
+    assert log == ["  a analysed", "  b-die" + " " * 21 + " its analysis process was killed by SIGKILL "
+                   "(out of memory?); it is made again after the training"]
+    # stop() ends the analysis in progress and the processes it started (its own process group)
+    background = rep.AnalysisBesideTraining(tmp_path, 10, log.append, worker=analyse_hang_or_die)
     background.submit("c-hang")
-    proc = background.current[0]
+    pids = _pids_of(tmp_path / "c-hang.pids")
     background.stop()
-    assert not proc.is_alive() and background.current is None and "c-hang" not in background.done
+    assert _gone(pids) and not background.done and not background.died
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_an_analysis_ends_with_the_process_that_started_it(tmp_path):
+    """Killed outright (SIGKILL: no chance to stop its analyses), the main process takes its
+    analysis process and the processes that one started with it."""
+    import signal
+    import sys
+
+    script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "import cifarlab.reproduce as rep\nfrom fake_workers import analyse_hang_or_die\n"
+              "rep.ANALYSES = {'c-hang': ('fc2',)}\n"
+              f"b = rep.AnalysisBesideTraining({str(tmp_path)!r}, 10, worker=analyse_hang_or_die)\n"
+              "b.submit('c-hang'); time.sleep(600)\n")
+    main = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        pids = _pids_of(tmp_path / "c-hang.pids")
+    finally:
+        main.send_signal(signal.SIGKILL)
+        main.wait()
+    assert _gone(pids)
+
+
+def test_runs_at_once_hand_each_finished_run_to_the_analysis_beside(tmp_path):
+    from dataclasses import replace
+
+    from cifarlab.reproduce import AnalysisBesideTraining, _execute_parallel
+    from fake_workers import analyse_hang_or_die, finish_or_die
+
+    runs = plan(tmp_path, ["study2"], 1.0)
+    runs[1] = replace(runs[1], path=runs[1].path.with_name(runs[1].name + "-die"))
+    log = []
+    background = AnalysisBesideTraining(tmp_path, 10, log.append, worker=analyse_hang_or_die)
+    records = _execute_parallel([(r, False) for r in runs], 2, False, log.append, worker=finish_or_die,
+                                background=background)
+    assert [records[name]["status"] for name in ("siamese-exp1", "siamese-exp2", "siamese-exp3")] == \
+        ["finished", "failed", "finished"]
+    assert background.finish() == {"siamese-exp1": None, "siamese-exp3": None}  # not the failed run
+    assert sorted(line for line in log if "analysed" in line) == ["  siamese-exp1 analysed", "  siamese-exp3 analysed"]
 
 
 def test_analysis_when_is_checked(tmp_path):

@@ -434,7 +434,7 @@ def reproduce_cmd(
     analysis: Annotated[str, typer.Option(
         help="When the OvR and t-SNE analysis runs: during (each finished run's, in a process of its own while "
         "the next runs train: the CPU is free while a GPU trains), after (the training), or auto: during "
-        "when the runs train on a GPU.")] = "auto",
+        "when the runs train on a CUDA GPU.")] = "auto",
     set_: Annotated[Optional[List[str]], typer.Option(
         "--set", help="KEY=VALUE: a setting for every run, e.g. --set precision=bf16 (repeatable).")] = None,
     quiet: QuietOpt = False,

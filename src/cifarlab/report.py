@@ -409,8 +409,13 @@ def environment(data: ReportData) -> list[tuple[str, str]]:
     info.append(("training wall time", f"{total:,.1f} s over {len(summaries)} runs (each run's own clock, all "
                                        "its resumes included)"))
     if "wall_seconds" in data.state:
-        info.append(("last reproduce call", f"{data.state['wall_seconds']:,.1f} s ({data.state.get('jobs', 1)} "
-                                            f"job(s) at a time), finished {data.state.get('finished_at', '')}"))
+        state = data.state
+        split = ""
+        if "analysis_seconds_after_training" in state:
+            split = (f": {state['train_seconds']:,.1f} s of training, then {state['analysis_seconds_after_training']:,.1f} s "
+                     f"for the analysis (made {state['analysis']} the training)")
+        info.append(("last reproduce call", f"{state['wall_seconds']:,.1f} s, {state.get('jobs', 1)} job(s) at a "
+                                            f"time{split}; finished {state.get('finished_at', '')}"))
     info.append(("report written", dt.datetime.now().isoformat(timespec="seconds")))
     return info
 

@@ -225,15 +225,15 @@ def _result_of(proc, receive):
     return result
 
 
-def _death(exitcode: int | None) -> str:
+def _death(exitcode: int | None, whose: str = "its") -> str:
     """Why a worker process ended without a result, for the report."""
     import signal
 
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else f"signal {-exitcode}"
         hint = " (out of memory?)" if -exitcode == signal.SIGKILL else ""
-        return f"its process was killed by {name}{hint}"
-    return f"its process ended with exit code {exitcode} before the run did"
+        return f"{whose} process was killed by {name}{hint}"
+    return f"{whose} process ended with exit code {exitcode} before its work did"
 
 
 def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=None,
@@ -278,13 +278,14 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
     for run, resume in todo:
         try:
             train_one(run.config.to_dict(), str(run.path), resume, progress=progress, data=data)
-            records[run.name] = _record(run, "finished", "resumed" if resume else "trained")
-            finished(run.name)
         except TrainingInterrupted as err:  # Ctrl-C stops reproduce as a whole
             raise TrainingInterrupted(f"{err}. Run the same `cifarlab reproduce` again to go on") from None
         except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
             records[run.name] = _record(run, "failed", _one_line(err))
             log(f"  {run.name} failed: {_one_line(err)}")
+        else:
+            records[run.name] = _record(run, "finished", "resumed" if resume else "trained")
+            finished(run.name)
     return records
 
 
@@ -346,7 +347,7 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
                 # outlive it, only when they end too: look at the processes themselves as well.
                 ready = set(wait(list(running), timeout=1.0))
                 if background is not None:
-                    background.pump()
+                    background.pump()  # what the analyses beside have logged
                 for sentinel in [s for s in running if s in ready or not running[s][0].is_alive()]:
                     proc, receive, run = running.pop(sentinel)
                     status, note = finish(proc, receive, run)
@@ -356,7 +357,7 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
                     records[run.name] = _record(run, status, note)
                     if status == "failed":
                         log(f"  {run.name} failed: {note}")
-                    elif background is not None:
+                    elif background is not None and not interrupted:
                         background.submit(run.name)
                     bar.set_postfix_str(f"{run.name} {status}", refresh=False)
                     bar.update(1)
@@ -463,84 +464,141 @@ def analyse(out: Path, records: dict[str, dict], tsne_points: int, progress: boo
             records[name]["analysis"] = why
 
 
-def _analysis_worker(conn, out: str, name: str, tsne_points: int) -> None:
-    """One run's analysis in a process of its own (spawned); sends (log lines, why it failed) back.
-
-    Niced, so that the training beside it keeps its core; Ctrl-C is the main process's to handle
-    (it ends this one, whose results are written atomically or not at all)."""
+def become_analysis_process() -> None:
+    """Set up a process started to analyse beside the training (it starts with SIGINT blocked):
+    it leads a process group of its own, so that the main process can end it together with the
+    classifiers' worker processes it starts (Ctrl-C is the main process's to handle); it ends that
+    group if the main process dies; and it is niced, so that the training keeps its core."""
     import signal
+    import threading
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # drops a Ctrl-C that came before this line
+    os.setpgrp()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         os.nice(10)
     except OSError:
         pass
+    parent = os.getppid()
+
+    def end_with_the_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=end_with_the_parent, daemon=True).start()
+
+
+def _analysis_worker(conn, out: str, name: str, tsne_points: int) -> None:
+    """One run's analysis in a process of its own (spawned); sends (log lines, why it failed) back."""
+    become_analysis_process()
     lines: list[str] = []
     try:
         why = analyse_run(Path(out), name, tsne_points, progress=False, log=lines.append)
     except BaseException as err:  # noqa: BLE001 - reported, not raised
         why = f"analysis failed: {_one_line(err)}"
-    conn.send((lines[-50:], why[:2000] if why else None))
+    # well within a pipe's buffer: send never blocks (the main process reads after the exit)
+    conn.send(([line[:1000] for line in lines[-20:]], why[:2000] if why else None))
     conn.close()
+
+
+def _end_group(proc, timeout: float = 5.0) -> None:
+    """End a process that leads a process group, and every process of that group."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except OSError:  # no such group (yet: it is still starting), or gone: the process alone
+            if proc.is_alive():
+                proc.kill()
+        proc.join(timeout)
+        if not proc.is_alive():
+            break
 
 
 class AnalysisBesideTraining:
     """The analyses of finished runs, one at a time in a process of their own, while the next
-    runs train. OvR and t-SNE are CPU work, and a run training on a GPU leaves the CPU's cores
-    idle, so on a GPU this takes the analysis off the study's wall time (on a CPU the two would
-    share the cores: there the analysis waits until the training is done)."""
+    runs train. OvR and t-SNE run on the CPU (the features are extracted on the run's device,
+    in seconds), and a run training on a GPU leaves the CPU's cores idle, so on a GPU this takes
+    the analysis off the study's wall time; on a CPU the two would share the cores, and there the
+    analysis waits until the training is done.
+
+    A thread of this process starts each analysis as soon as the previous one ends. An analysis
+    whose process died (killed, out of memory beside the training) is left to `analyse` to make
+    again after the training."""
 
     def __init__(self, out: Path, tsne_points: int, log=print, worker=_analysis_worker):
+        import queue
+        import threading
+
         self.out, self.tsne_points, self.log, self.worker = out, tsne_points, log, worker
-        self.queue: list[str] = []
-        self.current = None  # (process, receiving end of its pipe, name)
-        self.done: dict[str, str | None] = {}
+        self.done: dict[str, str | None] = {}  # run -> why its analysis failed, or None
+        self.died: dict[str, str] = {}  # run -> how its analysis process ended
+        self._submitted: set[str] = set()
+        self._todo: queue.Queue = queue.Queue()
+        self._lines: list[str] = []  # log lines for the main thread to print
+        self._lock = threading.Lock()
+        self._current = None  # the process of the analysis in progress
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="cifarlab-analyses", daemon=True)
+        self._thread.start()
 
     def submit(self, name: str) -> None:
         """Queue the analysis of a run that has just finished (runs without one are ignored)."""
-        running = self.current[2] if self.current is not None else None
-        if name in ANALYSES and name not in (*self.done, *self.queue, running):
-            self.queue.append(name)
+        if name in ANALYSES and name not in self._submitted:
+            self._submitted.add(name)
+            self._todo.put(name)
         self.pump()
 
     def pump(self) -> None:
-        """Collect an analysis that has ended and start the next; never waits."""
-        if self.current is not None and not self.current[0].is_alive():
-            self._collect()
-        if self.current is None and self.queue:
-            name = self.queue.pop(0)
-            self.current = (*_spawn(self.worker, (str(self.out), name, self.tsne_points),
-                                    f"cifarlab-analysis-{name}"), name)
-
-    def _collect(self) -> None:
-        proc, receive, name = self.current
-        result = _result_of(proc, receive)
-        self.current = None
-        if result is None:
-            result = [], f"analysis failed: {_death(proc.exitcode)}"
-            self.log(f"  {name:<26} {result[1]}")
-        lines, why = result
+        """Print what the analyses that ended have logged (this thread prints; theirs does not)."""
+        with self._lock:
+            lines, self._lines = self._lines, []
         for line in lines:
             self.log(line)
-        self.done[name] = why
+
+    def _work(self) -> None:
+        import signal
+
+        # Processes started from here begin with SIGINT blocked (see _analysis_worker).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        while (name := self._todo.get()) is not None:
+            with self._lock:
+                if self._stopping:
+                    continue
+                proc, receive = _spawn(self.worker, (str(self.out), name, self.tsne_points),
+                                       f"cifarlab-analysis-{name}")
+                self._current = proc
+            result = _result_of(proc, receive)
+            _end_group(proc)  # any process the analysis left behind
+            with self._lock:
+                self._current = None
+                if self._stopping:
+                    continue
+                if result is None:
+                    self.died[name] = _death(proc.exitcode, "its analysis")
+                    self._lines.append(f"  {name:<26} {self.died[name]}; it is made again after the training")
+                else:
+                    self._lines.extend(result[0])
+                    self.done[name] = result[1]
 
     def finish(self) -> dict[str, str | None]:
-        """Wait for every queued analysis; {run: why it failed, or None}."""
-        while self.current is not None or self.queue:
-            if self.current is not None:
-                self.current[0].join()
-            self.pump()
+        """Wait for every queued analysis; {run: why it failed, or None}, without those that died."""
+        self._todo.put(None)
+        self._thread.join()
+        self.pump()
         return self.done
 
     def stop(self) -> None:
         """End the analysis in progress and drop the queue (Ctrl-C, or an error in reproduce)."""
-        self.queue.clear()
-        if self.current is not None:
-            proc, receive, _ = self.current
-            proc.terminate()
-            proc.join()
-            receive.close()
-            self.current = None
+        with self._lock:
+            self._stopping = True
+            proc = self._current
+        if proc is not None:
+            _end_group(proc)
+        self._todo.put(None)
+        self._thread.join(timeout=30)
 
 
 # --- the whole thing ----------------------------------------------------------------------------
@@ -566,7 +624,7 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     went and which of this call's runs failed or could not be analysed.
 
     `analysis`: `during` the training (each finished run's, beside the next runs: see
-    AnalysisBesideTraining), `after` it, or `auto`: during when the runs train on a GPU."""
+    AnalysisBesideTraining), `after` it, or `auto`: during when the runs train on a CUDA GPU."""
     from cifarlab.data import load_cifar10
     from cifarlab.report import check_report_files, write_report
 
@@ -612,6 +670,7 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
             background.stop()
         raise
     analyse(out, records, points, progress, log, done=done)
+    after_training = time.perf_counter() - start - train_seconds
     state = {
         "cifarlab_version": __version__,
         "command": " ".join(["cifarlab", *sys.argv[1:]]) if sys.argv and "cifarlab" in sys.argv[0] else None,
@@ -621,6 +680,8 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
         "data": {"layout": dataset.layout, "source": str(Path(dataset.source).resolve()), "checksum": dataset.checksum,
                  "train": int(len(dataset.train_labels)), "test": int(len(dataset.test_labels))},
         "wall_seconds": round(time.perf_counter() - start, 2), "train_seconds": round(train_seconds, 2),
+        "analysis": "during" if background is not None else "after", "analysis_seconds_after_training":
+            round(after_training, 2),
         "runs": {**previous.get("runs", {}), **records},
     }
     write_json(state_path, state)
