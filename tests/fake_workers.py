@@ -15,7 +15,7 @@ def finish_or_die(conn, config: dict, path: str, resume: bool, threads) -> None:
 
 def analyse_hang_or_die(conn, out: str, name: str, tsne_points: int) -> None:
     """Stands in for reproduce's analysis worker, set up as the real one is: the run named "...-die"
-    is killed; "...-hang" starts a process of its own, writes both pids to OUT/NAME.pids and never
+    is killed; "...-hang" (or $CIFARLAB_TEST_HANG) starts a process of its own, writes both pids to OUT/NAME.pids and never
     ends; others report one log line."""
     import subprocess
     import sys
@@ -27,7 +27,7 @@ def analyse_hang_or_die(conn, out: str, name: str, tsne_points: int) -> None:
     become_analysis_process()
     if name.endswith("-die"):
         os.kill(os.getpid(), signal.SIGKILL)
-    if name.endswith("-hang"):
+    if name.endswith("-hang") or name == os.environ.get("CIFARLAB_TEST_HANG"):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         pids = Path(out) / f"{name}.pids"
         pids.with_suffix(".tmp").write_text(f"{os.getpid()} {child.pid}")

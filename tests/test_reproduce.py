@@ -696,6 +696,32 @@ def test_an_analysis_ends_with_the_process_that_started_it(tmp_path):
     assert _gone(pids)
 
 
+def test_ctrl_c_in_training_ends_the_analysis_beside_it(tmp_path, monkeypatch):
+    import functools
+
+    import cifarlab.reproduce as rep
+    from cifarlab.engine import TrainingInterrupted
+    from fake_workers import analyse_hang_or_die
+
+    monkeypatch.setenv("CIFARLAB_TEST_HANG", "classifier-b128")
+    monkeypatch.setattr(rep, "AnalysisBesideTraining",
+                        functools.partial(rep.AnalysisBesideTraining, worker=analyse_hang_or_die))
+    pids_file, started = tmp_path / "out" / "classifier-b128.pids", []
+
+    def train_one(config, path, resume, *args, **kwargs):
+        started.append(Path(path).name)
+        if len(started) == 2:  # Ctrl-C in the second run, while the first one's analysis goes on
+            started.extend(_pids_of(pids_file))
+            raise TrainingInterrupted("interrupted at step 1")
+        return {}
+
+    monkeypatch.setattr(rep, "train_one", train_one)
+    with pytest.raises(TrainingInterrupted, match="Run the same `cifarlab reproduce` again"):
+        reproduce(tmp_path / "out", data=make_image_folders(tmp_path / "data", 2), only="study1",
+                  analysis="during", **QUICK)
+    assert started[0] == "classifier-b128" and len(started) == 4 and _gone(started[2:])
+
+
 def test_runs_at_once_hand_each_finished_run_to_the_analysis_beside(tmp_path):
     from dataclasses import replace
 
