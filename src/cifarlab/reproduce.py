@@ -452,34 +452,38 @@ def analyse_run(out: Path, name: str, tsne_points: int, progress: bool = True, l
 
 
 def analyse(out: Path, records: dict[str, dict], tsne_points: int, progress: bool = True, log=print,
-            done: dict[str, str | None] | None = None) -> None:
+            done: set[str] = frozenset()) -> None:
     """The analysis of every finished run that needs one, but those in `done` (made beside the
-    training: name -> why it failed, or None); a failure is noted in the run's record, not raised."""
-    done = done or {}
+    training); a failure is noted in the run's record, not raised."""
     for name in ANALYSES:
-        if records.get(name, {}).get("status") != "finished":
+        if records.get(name, {}).get("status") != "finished" or name in done:
             continue
-        why = done[name] if name in done else analyse_run(out, name, tsne_points, progress, log)
+        why = analyse_run(out, name, tsne_points, progress, log)
         if why:
             records[name]["analysis"] = why
 
 
-def become_analysis_process() -> None:
+def become_analysis_process(parent: int) -> None:
     """Set up a process started to analyse beside the training (it starts with SIGINT blocked):
-    it leads a process group of its own, so that the main process can end it together with the
-    classifiers' worker processes it starts (Ctrl-C is the main process's to handle); it ends that
-    group if the main process dies; and it is niced, so that the training keeps its core."""
+    it leads a process group of its own, so that the main process (pid `parent`) can end it
+    together with the classifiers' worker processes it starts (Ctrl-C is the main process's to
+    handle); it ends that group if the main process dies, even before this call; its output goes
+    nowhere (a background group writing to a terminal may be stopped; its results and errors go
+    back through its pipe); and it is niced, so that the training keeps its core."""
     import signal
     import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # drops a Ctrl-C that came before this line
     os.setpgrp()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    nowhere = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(nowhere, fd)
+    os.close(nowhere)
     try:
         os.nice(10)
     except OSError:
         pass
-    parent = os.getppid()
 
     def end_with_the_parent() -> None:
         while os.getppid() == parent:
@@ -489,9 +493,9 @@ def become_analysis_process() -> None:
     threading.Thread(target=end_with_the_parent, daemon=True).start()
 
 
-def _analysis_worker(conn, out: str, name: str, tsne_points: int) -> None:
+def _analysis_worker(conn, out: str, name: str, tsne_points: int, parent: int) -> None:
     """One run's analysis in a process of its own (spawned); sends (log lines, why it failed) back."""
-    become_analysis_process()
+    become_analysis_process(parent)
     lines: list[str] = []
     try:
         why = analyse_run(Path(out), name, tsne_points, progress=False, log=lines.append)
@@ -525,16 +529,15 @@ class AnalysisBesideTraining:
     analysis waits until the training is done.
 
     A thread of this process starts each analysis as soon as the previous one ends. An analysis
-    whose process died (killed, out of memory beside the training) is left to `analyse` to make
-    again after the training."""
+    that failed beside the training (its process killed, or out of GPU memory beside the run
+    training there, say) is left to `analyse` to make again after the training."""
 
     def __init__(self, out: Path, tsne_points: int, log=print, worker=_analysis_worker):
         import queue
         import threading
 
         self.out, self.tsne_points, self.log, self.worker = out, tsne_points, log, worker
-        self.done: dict[str, str | None] = {}  # run -> why its analysis failed, or None
-        self.died: dict[str, str] = {}  # run -> how its analysis process ended
+        self.done: set[str] = set()  # the runs whose analysis was made
         self._submitted: set[str] = set()
         self._todo: queue.Queue = queue.Queue()
         self._lines: list[str] = []  # log lines for the main thread to print
@@ -560,31 +563,42 @@ class AnalysisBesideTraining:
 
     def _work(self) -> None:
         import signal
+        from multiprocessing import resource_tracker
 
-        # Processes started from here begin with SIGINT blocked (see _analysis_worker).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         while (name := self._todo.get()) is not None:
             with self._lock:
                 if self._stopping:
                     continue
-                proc, receive = _spawn(self.worker, (str(self.out), name, self.tsne_points),
-                                       f"cifarlab-analysis-{name}")
+                try:
+                    # Processes started from here begin with SIGINT blocked (see become_analysis_process).
+                    # Starting multiprocessing's resource tracker unblocks it in the thread that
+                    # starts it (CPython issue 110844): start it first.
+                    resource_tracker.ensure_running()
+                    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                    proc, receive = _spawn(self.worker, (str(self.out), name, self.tsne_points, os.getpid()),
+                                           f"cifarlab-analysis-{name}")
+                except Exception as err:  # noqa: BLE001 - then it is made after the training
+                    self._lines.append(f"  {name:<26} could not start its analysis beside the training "
+                                       f"({_one_line(err)}); it is made after the training")
+                    continue
                 self._current = proc
             result = _result_of(proc, receive)
-            _end_group(proc)  # any process the analysis left behind
             with self._lock:
                 self._current = None
                 if self._stopping:
                     continue
                 if result is None:
-                    self.died[name] = _death(proc.exitcode, "its analysis")
-                    self._lines.append(f"  {name:<26} {self.died[name]}; it is made again after the training")
+                    self._lines.append(f"  {name:<26} {_death(proc.exitcode, 'its analysis')}; "
+                                       "it is made again after the training")
                 else:
                     self._lines.extend(result[0])
-                    self.done[name] = result[1]
+                    if result[1] is None:
+                        self.done.add(name)
+                    else:
+                        self._lines.append(f"  {name:<26} it is made again after the training")
 
-    def finish(self) -> dict[str, str | None]:
-        """Wait for every queued analysis; {run: why it failed, or None}, without those that died."""
+    def finish(self) -> set[str]:
+        """Wait for every queued analysis; the runs whose analysis was made."""
         self._todo.put(None)
         self._thread.join()
         self.pump()
@@ -664,7 +678,7 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     try:
         records = execute(runs, jobs, progress, data=dataset, log=log, background=background)
         train_seconds = time.perf_counter() - start
-        done = background.finish() if background is not None else {}
+        done = background.finish() if background is not None else set()
     except BaseException:
         if background is not None:
             background.stop()
