@@ -3,8 +3,10 @@
 Trains the same presets with each N into fresh folders and prints the wall time of each, e.g.
 
     python benchmarks/reproduce_jobs.py --data DIR --only study1 --steps-scale 0.05 --jobs 1,2,4 [--train-only]
+                                        [--analysis after,during]
 
-`--train-only` times the training alone (no analysis, no report). The last line names the
+`--train-only` times the training alone (no analysis, no report); `--analysis` times each way of
+placing the analysis (after the training, or beside it) at each N. The last line names the
 fastest N, for scripts.
 
 Each run at once is a process of its own (a CUDA context, or a share of the CPU cores) that
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every run")
     parser.add_argument("--train-only", action="store_true", help="time the training alone")
+    parser.add_argument("--analysis", default="auto", help="comma-separated: auto, during, after (each timed)")
     args = parser.parse_args()
     from cifarlab.config import parse_settings
     from cifarlab.data import load_cifar10
@@ -44,8 +47,9 @@ def main() -> None:
     overrides = {"tensorboard": False, **parse_settings(args.set)}
     rows = []
     with tempfile.TemporaryDirectory(prefix="cifarlab-jobs-") as tmp:
-        for jobs in (int(j) for j in args.jobs.split(",")):
-            out = Path(tmp) / f"jobs-{jobs}"
+        whens = ["train-only"] if args.train_only else args.analysis.split(",")
+        for jobs, when in ((int(j), w) for j in args.jobs.split(",") for w in whens):
+            out = Path(tmp) / f"jobs-{jobs}-{when}"
             start = time.perf_counter()
             if args.train_only:
                 runs = plan(out, parse_only(args.only), args.steps_scale, args.max_evals, str(args.data or ""),
@@ -59,21 +63,23 @@ def main() -> None:
             else:
                 state = reproduce(out, data=args.data, only=args.only, steps_scale=args.steps_scale, jobs=jobs,
                                   max_evals=args.max_evals, device=args.device, overrides=overrides,
-                                  tsne_points=2000, progress=False, log=lambda *_: None)
+                                  tsne_points=2000, progress=False, analysis=when, log=lambda *_: None)
                 seconds = time.perf_counter() - start
-                records, train_s = state["runs"], state["train_seconds"]
-            rows.append((jobs, len(records), train_s, seconds))
+                records, train_s, when = state["runs"], state["train_seconds"], state["analysis"]
+            rows.append((jobs, when, len(records), train_s, seconds))
             print(f"--jobs {jobs}: {len(records)} runs trained in {train_s:.1f} s"
-                  + ("" if args.train_only else f" ({seconds:.1f} s with analysis and report)"), flush=True)
+                  + ("" if args.train_only else f" ({seconds:.1f} s with analysis {when} and report)"), flush=True)
             shutil.rmtree(out)
-    base = rows[0][2]
+    base = rows[0][3]
     if args.train_only:
         print("\n| --jobs | runs | training wall s | speed-up |\n|---:|---:|---:|---:|")
     else:
-        print("\n| --jobs | runs | training wall s | speed-up | with analysis + report s |\n|---:|---:|---:|---:|---:|")
-    for jobs, runs, train_s, total in rows:
-        print(f"| {jobs} | {runs} | {train_s:.1f} | {base / train_s:.2f}x |" + ("" if args.train_only else f" {total:.1f} |"))
-    print(f"fastest: --jobs {min(rows, key=lambda r: r[2])[0]}")
+        print("\n| --jobs | analysis | runs | training wall s | speed-up | with analysis + report s |\n"
+              "|---:|---|---:|---:|---:|---:|")
+    for jobs, when, runs, train_s, total in rows:
+        print(f"| {jobs} |" + ("" if args.train_only else f" {when} |") + f" {runs} | {train_s:.1f} | "
+              f"{base / train_s:.2f}x |" + ("" if args.train_only else f" {total:.1f} |"))
+    print(f"fastest: --jobs {min(rows, key=lambda r: r[3])[0]}")
 
 
 if __name__ == "__main__":

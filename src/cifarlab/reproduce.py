@@ -555,7 +555,7 @@ class AnalysisBesideTraining:
         self.pump()
 
     def pump(self) -> None:
-        """Print what the analyses that ended have logged (this thread prints; theirs does not)."""
+        """Print what the analyses that ended have logged (in the caller's thread, between its progress bars)."""
         with self._lock:
             lines, self._lines = self._lines, []
         for line in lines:
