@@ -268,6 +268,23 @@ def test_tensorboard_keeps_no_duplicates_of_steps_a_crashed_attempt_logged_past_
     assert tensorboard_steps(resumed.path, "train/loss") == [5, 10, 15, 20]
 
 
+def test_a_resumed_runs_event_file_sorts_after_the_older_ones_made_in_the_same_second(tmp_path):
+    """TensorBoard reads event files in name order, and names made in one second compare by host,
+    pid and counter as text (".10" before ".9"): the resumed attempt's file must still come last,
+    or the purge it begins with is undone."""
+    import time
+
+    data = synthetic_cifar()
+    cfg = small_cfg(steps=10, eval_every=5, checkpoint_every=5, tensorboard=True)
+    run, _ = train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
+    # an older file that sorts after anything made this second or the next
+    older = run.path / "tb" / f"events.out.tfevents.{int(time.time()) + 1:010d}.~~~~.1.9"
+    older.write_bytes(b"")
+    train(cfg, resume=run.path, overrides={"steps": 15}, progress=False, data=data)
+    names = sorted(p.name for p in (run.path / "tb").iterdir())
+    assert len(names) == 3 and names[-2] == older.name  # the resumed attempt's file is read last
+
+
 def test_resuming_to_a_ctrl_c_step_on_the_eval_cadence_saves_its_weights(tmp_path, monkeypatch):
     from cifarlab.runs import RunDir
 

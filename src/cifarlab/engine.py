@@ -23,6 +23,7 @@ import threading
 import time
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -373,6 +374,25 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def start_after_older_event_files(tb: Path, most: float = 2.0) -> None:
+    """Wait, if need be, until a new TensorBoard event file in `tb` sorts after the older ones.
+
+    TensorBoard reads a run's event files in the order of their names, which begin with the
+    second they were made in, then the host, the pid and a counter of the process, compared as
+    text (".10" before ".9"). A file made in the same second as an older one may be read before
+    it, and the purge of the older attempt's steps that it begins with is then undone. Waiting
+    for the next second (at most `most` seconds, should an older file come from the future)
+    keeps them in order."""
+    newest = 0
+    for path in tb.glob("events.out.tfevents.*"):
+        field = path.name.split(".")[3:4]
+        if field and field[0].isdigit():
+            newest = max(newest, int(field[0]))
+    wait = newest + 1 - time.time()
+    if wait > 0:
+        time.sleep(min(wait, most))
+
+
 class Trainer:
     """Step-based training of one task into one run directory."""
 
@@ -528,6 +548,7 @@ class Trainer:
 
             # events after the step this process started from are another attempt's (a crashed
             # one logged past its last checkpoint): TensorBoard drops them
+            start_after_older_event_files(self.run.path / "tb")
             self.writer = SummaryWriter(str(self.run.path / "tb"), purge_step=self._purge_from)
         return self.writer
 
