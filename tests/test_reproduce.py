@@ -623,10 +623,13 @@ def test_analysis_during_training_is_made_while_later_runs_train_and_equals_the_
     coords = {layer: read_tsne(reference, layer)["coords"] for layer in before}
     for layer, xy in coords.items():
         np.testing.assert_allclose(xy, read_tsne(first_out / "classifier-b128", layer)["coords"], rtol=1e-4, atol=1e-4)
-    # a second call finds every analysis up to date and makes none anew
+    # a second call finds every analysis up to date and starts no process to make one
     log.clear()
+    spawned, spawn = [], rep._spawn
+    monkeypatch.setattr(rep, "_spawn", lambda *args: spawned.append(args[2]) or spawn(*args))
     state = reproduce(out, data=data, only="study1", analysis="during", log=log.append, **QUICK)
     assert state["unanalysed"] == [] and not any("OvR" in line or "t-SNE" in line for line in log)
+    assert spawned == []
 
 
 def _pids_of(path: Path, timeout: float = 60) -> list[int]:

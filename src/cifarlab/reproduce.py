@@ -418,18 +418,37 @@ ANALYSES = {  # preset -> layers its tables and figures need
 }
 
 
-def analyse_run(out: Path, name: str, tsne_points: int, progress: bool = True, log=print) -> str | None:
-    """OvR (seed protocol) and t-SNE (`tsne_points` test images) of one finished run, on the layers
-    the report looks at, skipped when up to date; returns why they could not be made (None when
-    they were, or were already)."""
-    from cifarlab.analysis import data_key, read_ovr, read_tsne, run_ovr, run_tsne
+def analysis_up_to_date(out: Path, name: str, tsne_points: int) -> bool:
+    """Whether the OvR and t-SNE the report needs of this finished run are made already (a quick
+    look at their files: nothing need start to find that out). A run whose checkpoints are gone
+    counts as up to date if its results are there."""
+    from cifarlab.analysis import data_key, read_ovr, read_tsne
     from cifarlab.runs import RunDir
 
     path, layers = out / name, ANALYSES[name]
     step = _latest_step(path)
+    if step is None:
+        return all(read_ovr(path, layer) and read_tsne(path, layer) for layer in layers)
+    try:
+        source = data_key(RunDir(path).config(), None)
+    except Exception:  # noqa: BLE001 - unreadable: analyse_run says why
+        return False
+    return all(_ovr_fresh(path, layer, step, source) and _tsne_fresh(path, layer, step, tsne_points, source)
+               for layer in layers)
+
+
+def analyse_run(out: Path, name: str, tsne_points: int, progress: bool = True, log=print) -> str | None:
+    """OvR (seed protocol) and t-SNE (`tsne_points` test images) of one finished run, on the layers
+    the report looks at, skipped when up to date; returns why they could not be made (None when
+    they were, or were already)."""
+    from cifarlab.analysis import data_key, run_ovr, run_tsne
+    from cifarlab.runs import RunDir
+
+    if analysis_up_to_date(out, name, tsne_points):
+        return None
+    path, layers = out / name, ANALYSES[name]
+    step = _latest_step(path)
     if step is None:  # finished, but its checkpoints were removed since
-        if all(read_ovr(path, layer) and read_tsne(path, layer) for layer in layers):
-            return None
         why = ("analysis not possible: the run has no checkpoints/step-N.safetensors left; move the run "
                "away and run reproduce again to train it anew")
         log(f"  {name:<26} {why}")
@@ -536,7 +555,7 @@ class AnalysisBesideTraining:
         import queue
         import threading
 
-        self.out, self.tsne_points, self.log, self.worker = out, tsne_points, log, worker
+        self.out, self.tsne_points, self.log, self.worker = Path(out), tsne_points, log, worker
         self.done: set[str] = set()  # the runs whose analysis was made
         self._submitted: set[str] = set()
         self._todo: queue.Queue = queue.Queue()
@@ -551,7 +570,11 @@ class AnalysisBesideTraining:
         """Queue the analysis of a run that has just finished (runs without one are ignored)."""
         if name in ANALYSES and name not in self._submitted:
             self._submitted.add(name)
-            self._todo.put(name)
+            if analysis_up_to_date(self.out, name, self.tsne_points):  # no process to start
+                with self._lock:
+                    self.done.add(name)
+            else:
+                self._todo.put(name)
         self.pump()
 
     def pump(self) -> None:
@@ -628,6 +651,7 @@ def _analyse_during(analysis: str, device: str) -> bool:
     import torch
 
     return torch.cuda.is_available()
+
 
 def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None = None, only: str | None = None,
               steps_scale: float = 1.0, jobs: int = 1, max_evals: int | None = None, device: str = "auto",
