@@ -889,3 +889,30 @@ def test_failed_writes_name_the_users_file_and_leave_no_temporary(tmp_path):
         fileio.write_text(tmp_path / "folder", "a,b\n")
     assert caught.value.filename == str(tmp_path / "folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names open files through /proc")
+def test_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """The temporary file is fsynced with what the writer put in it before it takes the real name
+    (else a crash soon after can leave the name on an empty file), then the folder is, so that the
+    rename itself lasts."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        size = os.fstat(fd).st_size
+        events.append(("fsync", Path(target).name if not os.path.isdir(target) else "<folder>", size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    fileio.write_with(tmp_path / "w.bin", lambda tmp: Path(tmp).write_bytes(b"12345"))
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[0][2] == 5 and events[0][1].startswith(".tmp-w-")
+    assert events[1][1] == "w.bin" and events[2][1] == "<folder>"
+    assert (tmp_path / "w.bin").read_bytes() == b"12345"

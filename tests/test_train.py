@@ -637,3 +637,82 @@ def test_on_cpu_freed_activation_memory_is_reused_without_page_faults():
     assert default > 5 * 1000  # 12,288 pages of 4 KiB per buffer, mapped anew each time
     assert sum(kept) < 2 * default  # 60 allocations map at most ~10 buffers' worth (default: 60)
     assert sum(kept[-4:]) < default / 50  # and then the heap has stopped growing
+
+
+def test_device_auto_gets_the_settings_of_the_device_it_picks(monkeypatch):
+    """--device auto (the default) is not a way around a device's speed settings: on a machine
+    without a GPU it is --device cpu, keeping freed memory included."""
+    from cifarlab import engine
+
+    calls = []
+    monkeypatch.setenv("CIFARLAB_KEEP_FREED_MEMORY", "1")
+    monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: False)
+    assert engine.resolve_device("auto") == torch.device("cpu")
+    assert engine.resolve_device("cpu") == torch.device("cpu")
+    assert len(calls) == 2
+
+
+def test_ctrl_c_in_the_last_step_finishes_the_run_and_still_says_it_was_interrupted(tmp_path, monkeypatch):
+    """The last step's evaluation and checkpoint are most of a short run's time: a Ctrl-C there
+    must not be lost (reproduce would go on to its next run), nor the finished run's files."""
+    import json
+
+    from cifarlab.engine import TrainingInterrupted
+
+    data = synthetic_cifar()
+    cfg = small_cfg(steps=20)
+    restore = _build_with(monkeypatch, InterruptAt(19))
+    with pytest.raises(TrainingInterrupted, match="interrupted in the last step; .* finished all 20 steps"):
+        train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
+    restore()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 20 and (tmp_path / "run" / "plots" / "curves.png").is_file()
+    _, again = train(cfg, resume=tmp_path / "run", progress=False, data=data)
+    assert again == summary  # finished: nothing more to train
+
+
+def test_a_run_resumed_in_another_memory_format_has_adams_moments_laid_out_as_its_weights(tmp_path, monkeypatch):
+    """Fused Adam (on a GPU) wants each moment in its parameter's layout; a contiguous run resumed
+    channels_last would otherwise keep contiguous moments beside channels_last convolutions."""
+    from cifarlab import engine
+
+    data = synthetic_cifar()
+    first, _ = train(small_cfg(steps=10, memory_format="contiguous"), out=str(tmp_path / "run"), progress=False,
+                     data=data)
+    seen = []
+    fit = engine.Trainer.fit
+
+    def checking_fit(self):
+        for p, st in self.optimizer.state.items():
+            seen.extend((p.stride(), st[k].stride()) for k in ("exp_avg", "exp_avg_sq"))
+        return fit(self)
+
+    monkeypatch.setattr(engine.Trainer, "fit", checking_fit)
+    train(small_cfg(), resume=first.path, overrides={"steps": 20, "memory_format": "channels_last"},
+          progress=False, data=data)
+    assert any(len(param) == 4 and param != tuple(sorted(param, reverse=True)) for param, _ in seen)  # channels_last
+    assert seen and all(param == moment for param, moment in seen)
+
+
+def test_a_warm_up_error_that_is_no_host_sync_stops_the_run_with_its_own_message(tmp_path):
+    """Only a host sync makes the step train eagerly: out of memory (a RuntimeError too) or a
+    kernel's refusal would fail the eager step as well, and is no graph problem to warn of."""
+    from cifarlab.engine import Trainer, make_autocast
+    from cifarlab.runs import RunDir
+    from cifarlab.studies import build_task
+
+    cfg = small_cfg(steps=5)
+    device = torch.device("cpu")
+    task = build_task(cfg, device, make_autocast(cfg.precision, device), data=synthetic_cifar(), progress=False)
+    run = RunDir.create(str(tmp_path / "run"), cfg.study)
+    run.write_config(cfg)
+    trainer = Trainer(cfg, task, run, device, progress=False)
+    trainer.runner.use_graph = True
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer.runner._warm_up = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        trainer.fit()

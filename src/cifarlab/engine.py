@@ -71,10 +71,13 @@ def check_device(name: str) -> None:
 def resolve_device(name: str) -> torch.device:
     """auto, cpu, cuda or cuda:N as a torch device (with this process's speed settings for it)."""
     check_device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # then the same settings as the device named
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
+        if device.index is not None:
+            # graph capture and new streams use the current device, not the tensors'
+            torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
     elif os.environ.get("CIFARLAB_KEEP_FREED_MEMORY", "1") != "0":
@@ -140,6 +143,10 @@ def make_adam(params, lr: float, device: torch.device, capturable: bool) -> torc
     fused = device.type == "cuda"
     return torch.optim.Adam(params, lr=lr, capturable=capturable, foreach=None if fused else True,
                             fused=True if fused else None)
+
+
+# What torch's sync debug mode "error" raises for a host sync (c10/cuda/CUDAFunctions.cpp)
+_SYNC_ERROR = "called a synchronizing CUDA operation"
 
 
 class StepRunner:
@@ -237,6 +244,8 @@ class StepRunner:
             self._warm_up()
             failure = None
         except RuntimeError as err:
+            if _SYNC_ERROR not in str(err):  # out of memory, a kernel's own refusal, ...: not a capture problem
+                raise
             failure = _first_cause(err)
         if failure is None:
             try:
@@ -324,6 +333,16 @@ class StepRunner:
             self.examples = int(state["examples"])
 
 
+def _state_in_param_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Lay each loaded moment out as its parameter is: load_state_dict keeps the saved strides,
+    and a run resumed in another memory format (allowed) would then have channels_last weights
+    with contiguous moments, which fused Adam refuses on a GPU."""
+    for p, st in optimizer.state.items():
+        for key, value in st.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                st[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def _param_groups(saved) -> list | None:
     """A saved optimizer state's param_groups, None when it has none to read (load_state says why)."""
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
@@ -408,6 +427,7 @@ class Trainer:
         self.optimizer = make_adam([p for p in self.model.parameters() if p.requires_grad], cfg.lr, device,
                                    capturable=self._use_graph())
         self.autocast = make_autocast(cfg.precision, device)
+        self.interrupted_in_last_step = False  # fit() sets it
         self.runner = StepRunner(task, self.optimizer, self.autocast, self._use_graph(), self.group,
                                  compile_loss=cfg.compile)
         self.step = 0
@@ -498,6 +518,7 @@ class Trainer:
                    "it belongs to another run: train this one anew")
         if load_first:
             self._prepare()
+        _state_in_param_layouts(self.optimizer)
         self.runner.load_state_dict(state["accumulators"])
         ranks = state.get("rng_ranks", [])
         if len(ranks) == self.group.world_size > 1:
@@ -652,6 +673,9 @@ class Trainer:
                             f"interrupted at step {self.step}; progress saved. "
                             f"Continue with: cifarlab train {cfg.study} --resume {shlex.quote(str(self.run.path))}"
                         )
+            # A Ctrl-C in the last step (its evaluation and checkpoint) finds the run finished;
+            # the caller still has to hear of it (reproduce must not go on to the next run).
+            self.interrupted_in_last_step = interrupt.set
         finally:
             if bar is not None:
                 bar.close()

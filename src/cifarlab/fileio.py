@@ -53,10 +53,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             # mkstemp makes 0600 (and some writers, e.g. safetensors, recreate the file): give the
             # published file the usual permissions
             os.chmod(tmp_path, 0o666 & ~_UMASK)
+            _flush_to_disk(tmp_path)
             os.replace(tmp_path, path)  # fails if `path` is a folder, say
+            _flush_to_disk(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _flush_to_disk(path: Path) -> None:
+    """fsync `path` (a file, or a folder to make a rename in it last): without it a crash soon
+    after the rename can leave the new name on an empty file on some file systems. Writers such
+    as torch.save and savefig close their files themselves, hence reopening by name. Folders
+    cannot be opened on Windows and some file systems refuse fsync on them: a best effort."""
+    is_dir = path.is_dir()
+    if is_dir and os.name == "nt":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY if os.name != "nt" else os.O_RDWR)
+    except OSError:
+        if is_dir:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not is_dir:
+            raise
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temps(path: str | os.PathLike, prefix: str | None = None, older_than: float = 3600) -> None:

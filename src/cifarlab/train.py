@@ -9,7 +9,7 @@ from cifarlab import CifarlabError
 from cifarlab.config import NOT_COMPARED, Config, identity_differences
 from cifarlab.data import resolve_data_dir
 from cifarlab.distributed import launch
-from cifarlab.engine import Trainer, make_autocast
+from cifarlab.engine import Trainer, TrainingInterrupted, make_autocast
 from cifarlab.fileio import write_bytes
 from cifarlab.runs import RunDir
 from cifarlab.studies import build_task
@@ -65,6 +65,9 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
             from cifarlab.plots import plot_curves  # matplotlib: only where something is drawn
 
             plot_curves([(run.name, run.metrics)], run.path / "plots" / "curves.png", title=run.name)
+        if trainer.interrupted_in_last_step:
+            raise TrainingInterrupted(f"interrupted in the last step; {run.path} finished all {cfg.steps} steps "
+                                      "and saved everything first")
     return run, summary
 
 
