@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import struct
@@ -367,6 +368,30 @@ def test_data_at_a_split_or_class_folder_is_refused_and_nothing_downloaded(tmp_p
     assert files_under(tmp_path) == before
 
 
+def test_an_unreadable_folder_beside_class_folders_does_not_hide_them_from_the_guard(tmp_path, monkeypatch):
+    """A root-only lost+found in a split folder: as root chmod denies nothing, so scandir is made to."""
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", None)  # any download attempt would fail loudly
+    root = make_image_folders(tmp_path / "data", 2)
+    target = (root / "test").rename(root / "testing")  # a split folder by its content, not its name
+    (target / "lost+found").mkdir()
+    before = files_under(tmp_path)
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path).name == "lost+found":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        with real_scandir(path) as entries:  # the unreadable folder first, before any class folder
+            return contextlib.nullcontext(sorted(entries, key=lambda e: e.name != "lost+found"))
+
+    with monkeypatch.context() as patch, pytest.raises(DataError) as err:
+        patch.setattr(os, "scandir", scandir)
+        load_cifar10(target, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"{target}: holds folders of images (") and "image-folder layout" in message
+    assert "lost+found" not in message and "\n" not in message
+    assert files_under(tmp_path) == before
+
+
 @pytest.mark.parametrize("failure", ["offline", "interrupted", "wrong-md5"])
 def test_failed_download_removes_only_the_folders_it_made(tmp_path, monkeypatch, failure):
     def offline(url, timeout):
@@ -389,6 +414,18 @@ def test_failed_download_removes_only_the_folders_it_made(tmp_path, monkeypatch,
     assert not (tmp_path / "new").exists()
     assert files_under(tmp_path / "kept") == [Path("notes.txt")]
     assert (tmp_path / "empty").is_dir() and files_under(tmp_path / "empty") == []
+
+
+@pytest.mark.parametrize("name", [ARCHIVE_NAME, "mine.tgz", "cifar.TAR"])
+def test_data_naming_a_missing_archive_is_refused_and_nothing_created(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", None)  # any download attempt would fail loudly
+    root = tmp_path / "dl" / name
+    with pytest.raises(DataError) as err:
+        load_cifar10(root, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"{root}: no such file; ") and "\n" not in message
+    assert "fix the path, or point it at a folder" in message
+    assert files_under(tmp_path) == []
 
 
 def test_download_keeps_an_archive_already_there(tmp_path, monkeypatch):
@@ -794,6 +831,25 @@ def test_images_deeper_than_8_bits_are_refused(tmp_path, breaker):
     with pytest.raises(DataError, match="8 bits per channel") as err:
         load(root)
     assert str(err.value).startswith(f"{culprit}: image has ") and "convert it to 8-bit RGB" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "png, expected",
+    [
+        (_png_bytes(32, 32, 8, 2, b"\x10\x20\x30" * 32), None),
+        (_png_bytes(32, 32, 8, 6, b"\x10\x20\x30\xff" * 32), None),
+        (_png_bytes(32, 32, 16, 2, b"\xea\x60" * 3 * 32), "16-bit-per-channel"),
+        (_png_bytes(32, 32, 16, 6, b"\xea\x60" * 4 * 32), "16-bit-per-channel"),
+    ],
+    ids=["rgb8", "rgba8", "rgb16", "rgba16"],
+)
+def test_bit_depth_is_read_from_the_plain_tuple_tiles_of_pillow_before_11(png, expected):
+    """Pillow 9 and 10 (which pyproject allows) give im.tile as plain tuples, not named ones."""
+    with Image.open(io.BytesIO(png)) as im:
+        assert data._deeper_than_8_bits(im) == expected
+        im.tile = [tuple(tile) for tile in im.tile]
+        assert type(im.tile[0]) is tuple
+        assert data._deeper_than_8_bits(im) == expected
 
 
 def test_cli_refuses_a_16_bit_image_in_one_line(tmp_path):

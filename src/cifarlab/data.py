@@ -45,6 +45,8 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 META_FILE = "batches.meta"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Names of files tarfile reads: --data naming a missing one is a wrong path, not a folder to make.
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 
@@ -168,6 +170,12 @@ def _locate(
     """(layout, source, checksum state): an archive is md5-checked; if nothing is there, download."""
     found = find_layout(root)
     if found is None:
+        if not root.exists() and root.name.lower().endswith(_ARCHIVE_SUFFIXES):
+            raise DataError(
+                f"{root}: no such file; --data (or CIFARLAB_DATA) names an archive that is not there "
+                f"(nothing was downloaded or created): fix the path, or point it at a folder to "
+                f"download {ARCHIVE_NAME} into"
+            )
         inside = _inside_image_folders(root)
         if inside:  # downloading there would mix the archive into the user's image folders
             raise DataError(
@@ -198,11 +206,14 @@ def _inside_image_folders(root: Path) -> str | None:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
-                    return f"holds images ({entry.name})"
-                if entry.is_dir() and _image_files(Path(entry.path)):
-                    return f"holds folders of images ({entry.name}/)"
-    except OSError:  # unreadable: the load's own error says so
+                try:
+                    if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
+                        return f"holds images ({entry.name})"
+                    if entry.is_dir() and _image_files(Path(entry.path)):
+                        return f"holds folders of images ({entry.name}/)"
+                except OSError:  # one unreadable entry (a root-only lost+found, say): look at the rest
+                    continue
+    except OSError:  # `root` itself unreadable: the load's own error says so
         return None
     return None
 
@@ -505,7 +516,8 @@ def _deeper_than_8_bits(im: Image.Image) -> str | None:
     """
     kind = ImageMode.getmode(im.mode).typestr[1:]  # "u1", "b1" (mode 1), "u2", "i4", "f4"
     if kind in ("u1", "b1"):
-        args = im.tile[0].args if im.tile else None
+        # A tile is (codec, extents, offset, args): a named tuple from Pillow 11, a plain one before.
+        args = im.tile[0][3] if im.tile else None
         rawmode = args if isinstance(args, str) else args[0] if args and isinstance(args[0], str) else ""
         return "16-bit-per-channel" if ";16" in rawmode else None
     what = {"f": "floating-point", "i": "integer"}.get(kind[0], "")
