@@ -357,3 +357,19 @@ def test_ctrl_c_exits_130_with_one_line_saying_how_to_go_on(trained, tmp_path, m
     assert res.returncode == 130  # an interrupt, not a failure, for scripts that run cifarlab
     assert res.stderr.strip().startswith("error: interrupted at step 5; progress saved. Continue with: cifarlab train "
                                          "classifier --resume") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_preset_runs_started_in_the_same_second_get_names_of_their_own(trained, tmp_path, monkeypatch):
+    """Without --out a preset run is runs/<preset>-<time stamp>, and a second one started in the
+    same second takes the next free name (-2), as any time-stamped run does."""
+    import cifarlab.runs as runs
+
+    data, _, _ = trained
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runs, "time_stamp", lambda: "20261202-120000")
+    for _ in range(2):
+        res = run_cli("train", "classifier", "--preset", "classifier-b64", "--steps", 2, "--eval-every", 2, "--batch-size", 8,
+                      "--data", data, "--quiet", "--no-tensorboard")
+        assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "classifier-b64-20261202-120000", "classifier-b64-20261202-120000-2"]

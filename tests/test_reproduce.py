@@ -330,24 +330,33 @@ def test_ctrl_c_stops_reproduce_and_the_next_call_resumes(tmp_path, monkeypatch,
     quick = dict(QUICK, overrides={"batch_size": 8, "tensorboard": False}, max_evals=None,
                  steps_scale=0.0008)  # 12 steps, checkpoints every 4
     real_run = engine.StepRunner.run
+    sixth_steps = []
 
     def run(self, step):
-        if step == 6:  # as if the user pressed Ctrl-C during step 6 of the first run
-            os.kill(os.getpid(), signal.SIGINT)
+        if step == 6:
+            sixth_steps.append(step)
+            if len(sixth_steps) == 2:  # as if the user pressed Ctrl-C during step 6 of the second run
+                os.kill(os.getpid(), signal.SIGINT)
         return real_run(self, step)
 
     monkeypatch.setattr(engine.StepRunner, "run", run)
     with pytest.raises(CifarlabError, match="interrupted at step 7.*Run the same `cifarlab reproduce` again"):
         reproduce(tmp_path / "out", data=data, only="study1", **quick)
-    first = tmp_path / "out" / "classifier-b128"
-    assert not (first / "summary.json").exists() and (first / "checkpoints" / "last.pt").is_file()
-    assert not (tmp_path / "out" / "classifier-b64").exists()  # nothing after the interrupted run started
+    cut = tmp_path / "out" / "classifier-b128-dropout0.2"
+    assert not (cut / "summary.json").exists() and (cut / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "out" / "classifier-b128-dropout0.5").exists()  # nothing after the interrupted run
+    # what the call did is on record for a report of the study so far: data, times, the run that ended
+    cut_short = json.loads((tmp_path / "out" / "reproduce.json").read_text())
+    assert cut_short["interrupted"] and cut_short["data"]["layout"] and cut_short["wall_seconds"] > 0
+    assert list(cut_short["runs"]) == ["classifier-b128"] and cut_short["runs"]["classifier-b128"]["note"] == "trained"
     monkeypatch.setattr(engine.StepRunner, "run", real_run)
     state = reproduce(tmp_path / "out", data=data, only="study1", **quick)
-    assert state["runs"]["classifier-b128"]["note"] == "resumed"
-    assert json.loads((first / "summary.json").read_text())["steps"] == 12
-    steps = [int(line.split(",")[0]) for line in (first / "metrics.csv").read_text().splitlines()[1:]]
+    assert state["runs"]["classifier-b128-dropout0.2"]["note"] == "resumed" and "interrupted" not in state
+    assert state["runs"]["classifier-b128"]["note"] == "already finished: skipped"
+    assert json.loads((cut / "summary.json").read_text())["steps"] == 12
+    steps = [int(line.split(",")[0]) for line in (cut / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == sorted(steps) and steps[-1] == 12
+    assert {"data_seconds", "train_seconds", "report_seconds"} <= set(state)
 
 
 # --- the page in a real browser -------------------------------------------------------------------

@@ -716,3 +716,84 @@ def test_a_warm_up_error_that_is_no_host_sync_stops_the_run_with_its_own_message
     trainer.runner._warm_up = out_of_memory
     with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
         trainer.fit()
+
+
+def test_a_run_another_process_trains_is_refused_and_left_as_it_is(tmp_path):
+    """Two processes on one run (a second --resume, two reproduce calls into one folder) would
+    mix their metrics and checkpoints: the second is refused while the first holds the run."""
+    import fcntl
+
+    data = synthetic_cifar()
+    cfg = small_cfg(steps=10)
+    run, _ = train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CifarlabError, match="another process is training this run right now"):
+            train(cfg, resume=tmp_path / "run", overrides={"steps": 20}, progress=False, data=data)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    resumed, summary = train(cfg, resume=tmp_path / "run", overrides={"steps": 20}, progress=False, data=data)
+    assert summary["steps"] == 20
+    fd = os.open(tmp_path / "run", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go when the training ended
+    finally:
+        os.close(fd)
+
+
+def test_a_start_that_fails_after_claiming_its_folder_gives_the_folder_back(tmp_path, monkeypatch):
+    """A new run claims its folder with an empty config.toml; if writing the real one fails, the
+    claim goes (an empty config.toml would read as a default run), and an empty one met later is
+    refused with what to do."""
+    import cifarlab.runs as runs
+
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(runs, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(small_cfg(steps=2), out=str(tmp_path / "new"), progress=False, data=synthetic_cifar())
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "left").mkdir()
+    (tmp_path / "left" / "config.toml").write_text("")
+    with pytest.raises(CifarlabError, match="holds no settings .the run never got past its start.; delete"):
+        load_config(tmp_path / "left" / "config.toml")
+
+
+def test_paths_with_control_characters_keep_config_toml_readable_and_non_utf8_ones_are_refused(tmp_path):
+    from cifarlab.config import to_toml
+
+    odd = Config(data='/data/a\nb\t"c"\\d\x7f\x01é')
+    (tmp_path / "config.toml").write_text(to_toml(odd.to_dict()), encoding="utf-8")
+    assert load_config(tmp_path / "config.toml") == odd
+    with pytest.raises(CifarlabError, match=r"data 'nu\\udce9' is not valid UTF-8 .*rename it"):
+        Config(data="nu\udce9").validate()  # how Python keeps a Latin-1 byte of a file name
+
+
+@pytest.mark.skipif(subprocess.run(["git", "--version"], capture_output=True).returncode != 0, reason="needs git")
+def test_the_commit_recorded_is_cifarlabs_own_never_that_of_a_project_it_is_installed_in(tmp_path, monkeypatch):
+    import cifarlab.runs as runs
+
+    def repo(path):
+        path.mkdir(parents=True, exist_ok=True)
+        git = ["git", "-C", str(path), "-c", "user.email=t@t", "-c", "user.name=t"]
+        subprocess.run([*git[:3], "init", "-q"], check=True)
+        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", path.name], check=True)
+        return subprocess.run([*git[:3], "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    commit = repo(tmp_path / "user-project")
+    installed = tmp_path / "user-project" / ".venv" / "lib" / "site-packages" / "cifarlab"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(runs, "__file__", str(installed / "runs.py"))
+    assert runs.git_commit() == "unknown"
+    own = repo(tmp_path / "cifarlab-checkout")
+    (tmp_path / "cifarlab-checkout" / "pyproject.toml").write_text("")
+    (tmp_path / "cifarlab-checkout" / "src" / "cifarlab").mkdir(parents=True)
+    monkeypatch.setattr(runs, "__file__", str(tmp_path / "cifarlab-checkout" / "src" / "cifarlab" / "runs.py"))
+    assert runs.git_commit() == own != commit

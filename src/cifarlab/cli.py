@@ -126,9 +126,7 @@ def _train(study: str | None, flags: dict, preset: str | None, out: str | None, 
             cfg = chosen.config(**flags)
         else:
             cfg = Config.for_study(study, **flags)
-        from cifarlab.runs import time_stamp
-
-        run, summary = train(cfg, out=out or (f"runs/{preset}-{time_stamp()}" if preset else None), progress=not quiet)
+        run, summary = train(cfg, out=out, name=preset, progress=not quiet)
     if summary is not None:  # None on the ranks other than 0 of a --distributed run
         _print_run_result(run, summary)
 

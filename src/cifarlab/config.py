@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass, fields
@@ -109,6 +110,12 @@ class Config:
         need(self.memory_format in ("auto", "channels_last", "contiguous"),
              f"memory_format must be auto, channels_last or contiguous (got {self.memory_format!r})")
         need(not (self.compile and self.distributed), "compile is not supported with distributed training; drop one")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # a path of bytes in another encoding (Python keeps them as lone surrogates): config.toml is UTF-8
+            need(not isinstance(value, str) or _is_utf8(value),
+                 f"{f.name} {value!r} is not valid UTF-8 (bytes of another encoding); "
+                 "rename it, or use a link with a UTF-8 name")
         if self.study == "siamese":
             same = same_class_pairs(self.fraction_same, self.batch_size)
             need(same >= 1, f"fraction_same {self.fraction_same} of batch_size {self.batch_size} gives no "
@@ -157,13 +164,21 @@ def is_device_name(name: str) -> bool:
     return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    # JSON's string escapes are TOML's (\n, \t, \uXXXX...): a path with a newline stays readable
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")  # DEL: JSON keeps it raw
 
 
 def to_toml(values: dict[str, Any], header: dict[str, Any] | None = None) -> str:
@@ -225,4 +240,7 @@ def parse_settings(items: list[str] | None) -> dict[str, Any]:
 def load_config(path: Path) -> Config:
     values = read_toml(path)
     values.pop("about", None)
+    if "study" not in values:  # the empty file a new run claims its folder with, left by a start that failed
+        raise CifarlabError(f"{path}: holds no settings (the run never got past its start); "
+                            f"delete {path.parent} and train it anew")
     return Config.from_dict(values, source=str(path))

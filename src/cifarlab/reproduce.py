@@ -279,7 +279,7 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
         try:
             train_one(run.config.to_dict(), str(run.path), resume, progress=progress, data=data)
         except TrainingInterrupted as err:  # Ctrl-C stops reproduce as a whole
-            raise TrainingInterrupted(f"{err}. Run the same `cifarlab reproduce` again to go on") from None
+            raise _interrupted(f"{err}. Run the same `cifarlab reproduce` again to go on", records) from None
         except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
             records[run.name] = _record(run, "failed", _one_line(err))
             log(f"  {run.name} failed: {_one_line(err)}")
@@ -370,11 +370,19 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
     finally:
         bar.close()
     if interrupted:
-        from cifarlab.engine import TrainingInterrupted
-
-        raise TrainingInterrupted("interrupted; the runs that had started saved their progress. "
-                                  "Run the same `cifarlab reproduce` again to go on")
+        raise _interrupted("interrupted; the runs that had started saved their progress. "
+                           "Run the same `cifarlab reproduce` again to go on", records)
     return records
+
+
+def _interrupted(message: str, records: dict[str, dict]):
+    """TrainingInterrupted carrying the records of the runs that ended before it (failures
+    included), for reproduce.json."""
+    from cifarlab.engine import TrainingInterrupted
+
+    err = TrainingInterrupted(message)
+    err.records = records
+    return err
 
 
 # --- analysis -----------------------------------------------------------------------------------
@@ -684,6 +692,7 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     if backbone_weights not in (None, "imagenet", "none") and not Path(backbone_weights).expanduser().is_file():
         raise CifarlabError(f"--backbone-weights {backbone_weights}: no such file; give the path of a weights file, "
                             "imagenet or none")
+    called = time.perf_counter()
     out = Path(out)
     check_report_files(out)  # before hours of training, not after
     groups = parse_only(only)
@@ -699,31 +708,45 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     start = time.perf_counter()
     points = min(tsne_points, len(dataset.test_labels))
     background = AnalysisBesideTraining(out, points, log) if _analyse_during(analysis, device) else None
+    clock = {"data_seconds": round(start - called, 2)}
+
+    def record(records: dict[str, dict], **more) -> dict:
+        """What this call did, in reproduce.json: written when it ends, interrupted or not, so that
+        a report of a study cut short still has its data and times."""
+        state = {
+            "cifarlab_version": __version__,
+            "command": " ".join(["cifarlab", *sys.argv[1:]]) if sys.argv and "cifarlab" in sys.argv[0] else None,
+            "finished_at": dt.datetime.now().isoformat(timespec="seconds"),
+            "steps_scale": steps_scale, "only": groups, "overrides": overrides or {}, "jobs": jobs,
+            "max_evals": max_evals,
+            "data": {"layout": dataset.layout, "source": str(Path(dataset.source).resolve()),
+                     "checksum": dataset.checksum, "train": int(len(dataset.train_labels)),
+                     "test": int(len(dataset.test_labels))},
+            "wall_seconds": round(time.perf_counter() - called, 2), **clock,
+            "analysis": "during" if background is not None else "after", **more,
+            "runs": {**previous.get("runs", {}), **records},
+        }
+        write_json(state_path, state)
+        return state
+
+    records: dict[str, dict] = {}
     try:
         records = execute(runs, jobs, progress, data=dataset, log=log, background=background)
-        train_seconds = time.perf_counter() - start
+        clock["train_seconds"] = round(time.perf_counter() - start, 2)
         done = background.finish() if background is not None else set()
-    except BaseException:
+        analyse(out, records, points, progress, log, done=done)
+        clock["analysis_seconds_after_training"] = round(time.perf_counter() - start - clock["train_seconds"], 2)
+    except BaseException as err:
         if background is not None:
             background.stop()
+        if isinstance(err, KeyboardInterrupt) or hasattr(err, "records"):  # Ctrl-C (see _interrupted)
+            record({**records, **getattr(err, "records", {})}, interrupted=True)
         raise
-    analyse(out, records, points, progress, log, done=done)
-    after_training = time.perf_counter() - start - train_seconds
-    state = {
-        "cifarlab_version": __version__,
-        "command": " ".join(["cifarlab", *sys.argv[1:]]) if sys.argv and "cifarlab" in sys.argv[0] else None,
-        "finished_at": dt.datetime.now().isoformat(timespec="seconds"),
-        "steps_scale": steps_scale, "only": groups, "overrides": overrides or {}, "jobs": jobs,
-        "max_evals": max_evals,
-        "data": {"layout": dataset.layout, "source": str(Path(dataset.source).resolve()), "checksum": dataset.checksum,
-                 "train": int(len(dataset.train_labels)), "test": int(len(dataset.test_labels))},
-        "wall_seconds": round(time.perf_counter() - start, 2), "train_seconds": round(train_seconds, 2),
-        "analysis": "during" if background is not None else "after", "analysis_seconds_after_training":
-            round(after_training, 2),
-        "runs": {**previous.get("runs", {}), **records},
-    }
-    write_json(state_path, state)
+    record(records)
+    reporting = time.perf_counter()
     html, md = write_report(out)
+    clock["report_seconds"] = round(time.perf_counter() - reporting, 2)
+    state = record(records)  # again, with the report's time in the total
     state["report"] = {"html": str(html), "md": str(md)}
     # what went wrong in this call (state["runs"] also keeps records of earlier calls' runs)
     state["failed"] = [name for name, r in records.items() if r["status"] == "failed"]

@@ -12,8 +12,10 @@ Layout (every file written atomically):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
+import errno
 import io
 import os
 import platform
@@ -34,15 +36,22 @@ _STEP_FILE = re.compile(r"step-(\d+)\.safetensors$")
 
 
 def git_commit() -> str:
-    """The commit of the cifarlab source, when it runs from a git checkout."""
+    """The commit of the cifarlab source, when it runs from a checkout of cifarlab itself (an
+    installed copy inside the user's own git project must not report that project's commit)."""
+    source = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=source, capture_output=True,
             text=True, timeout=5, check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    lines = out.stdout.split("\n")
+    if out.returncode != 0 or len(lines) < 2:
+        return "unknown"
+    # src/cifarlab/ sits two folders below the checkout's root, beside its pyproject.toml
+    ours = Path(lines[0]).resolve() == source.parents[1] and (source.parents[1] / "pyproject.toml").is_file()
+    return lines[1].strip() if ours else "unknown"
 
 
 def time_stamp() -> str:
@@ -109,6 +118,8 @@ class RunDir:
         self.path = Path(path)
         self.metrics: list[dict] = []
         self._claim: tuple | bool | None = None  # see materialise
+        self._made_folder = False  # materialise made the folder (a failed start removes it again)
+        self._lock = None  # see hold_lock
 
     @property
     def name(self) -> str:
@@ -120,16 +131,17 @@ class RunDir:
 
     # -- creation ------------------------------------------------------------------------------
     @classmethod
-    def create(cls, out: str | None, study: str, root: Path = Path("runs")) -> "RunDir":
-        """A new run directory; never reuses one that already holds something.
+    def create(cls, out: str | None, prefix: str, root: Path = Path("runs")) -> "RunDir":
+        """A new run directory (root/<prefix>-<time stamp> unless `out`); never reuses one that
+        already holds something.
 
         Nothing is created on disk until `materialise()`, so a run that fails to start leaves
         no empty directory behind.
         """
-        path = Path(out) if out else stamped_path(root, study)
+        path = Path(out) if out else stamped_path(root, prefix)
         _check_free(path)
         run = cls(path)
-        run._claim = (root, study) if not out else True  # a fresh time-stamped name, or the --out given
+        run._claim = (root, prefix) if not out else True  # a fresh time-stamped name, or the --out given
         return run
 
     def materialise(self) -> None:
@@ -137,6 +149,7 @@ class RunDir:
         runs started at once never share a folder: a time-stamped one takes the next free name,
         an --out given twice is refused to the second."""
         claim = self._claim
+        self._made_folder = bool(claim) and not self.path.exists()
         while claim:
             self.path.mkdir(parents=True, exist_ok=True)
             try:
@@ -147,8 +160,38 @@ class RunDir:
                     raise CifarlabError(f"{self.path}: another run started in it just now; choose another --out") \
                         from None
                 self.path = stamped_path(*claim)
+                self._made_folder = not self.path.exists()
         self._claim = None
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def hold_lock(self) -> None:
+        """Hold an advisory lock on the run's folder while this process trains the run, so that a
+        second process (another --resume, a second reproduce into the same folder) is refused
+        rather than mixing its files with this one's. The folder itself, not a file in it: its
+        files are replaced by renames, and a lock file would be one more file in every run. Let
+        go by `release_lock` or when the process ends. Where there is no flock (Windows, some
+        network file systems) runs go unlocked."""
+        if self._lock is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise CifarlabError(f"{self.path}: another process is training this run right now; "
+                                    "let it finish (or stop it), then resume") from None
+            return  # locks not supported here
+        self._lock = fd
+
+    def release_lock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
@@ -161,23 +204,35 @@ class RunDir:
     def write_config(self, cfg: Config, resumed: bool = False) -> None:
         """config.toml with an [about] table; a run written again keeps the time it was created,
         and a resumed one records when it was last resumed (and by which versions)."""
-        self.materialise()
         now = dt.datetime.now().isoformat(timespec="seconds")
-        try:
-            about = read_toml(self.path / "config.toml").get("about")
-            created = about.get("created") if isinstance(about, dict) else None
-        except CifarlabError:
-            created = None
+        created = None
+        if self._claim is None:
+            try:
+                about = read_toml(self.path / "config.toml").get("about")
+                created = about.get("created") if isinstance(about, dict) else None
+            except CifarlabError:
+                pass
         about = {
             "cifarlab_version": __version__,
-            "git_commit": git_commit(),
+            "git_commit": git_commit(),  # (up to seconds) before the claim: the empty claim lives briefly
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
             "created": created if isinstance(created, str) else now,
         }
         if resumed:
             about["resumed"] = now
-        write_text(self.path / "config.toml", to_toml(cfg.to_dict(), about))
+        text = to_toml(cfg.to_dict(), about)
+        claiming = self._claim is not None
+        self.materialise()
+        try:
+            write_text(self.path / "config.toml", text)
+        except BaseException:
+            if claiming:  # give the claim back: an empty config.toml would stand for a run never made
+                (self.path / "config.toml").unlink(missing_ok=True)
+                if self._made_folder:
+                    with contextlib.suppress(OSError):
+                        self.path.rmdir()
+            raise
 
     def config(self) -> Config:
         return load_config(self.path / "config.toml")

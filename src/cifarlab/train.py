@@ -16,8 +16,10 @@ from cifarlab.studies import build_task
 
 
 def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
-          overrides: dict | None = None, progress: bool = True, data=None) -> tuple[RunDir, dict | None]:
-    """Start a run in `out` (a fresh name when None), or continue `resume` from its last.pt.
+          overrides: dict | None = None, progress: bool = True, data=None,
+          name: str | None = None) -> tuple[RunDir, dict | None]:
+    """Start a run in `out` (when None, a fresh runs/<name or study>-<time stamp>), or continue
+    `resume` from its last.pt.
 
     On resume the run's own config.toml is used; `overrides` (e.g. more steps) are applied.
     `distributed` is how this launch runs, not part of the run: a resume runs in one process
@@ -39,7 +41,7 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
             return run, None if cfg.distributed and os.environ.get("RANK", "0") != "0" else summary
     with launch(cfg) as group:
         if resume is None:  # rank 0 names it (a time stamp) and checks it is free
-            run = group.on_main(lambda: RunDir.create(out, cfg.study))
+            run = group.on_main(lambda: RunDir.create(out, name or cfg.study))
         progress = progress and group.is_main
         autocast = make_autocast(cfg.precision, group.device)
         with group.main_first():  # rank 0 downloads and caches data and weights for the others
@@ -47,24 +49,30 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
             task = build_task(cfg, group.device, autocast, data=data, progress=progress,
                               for_checkpoint=resume is not None and not restart)
         trainer = Trainer(cfg, task, run, group.device, progress=progress, group=group)
-        if resume is not None and not restart:
-            trainer.resume()  # before config.toml is rewritten: a failed resume changes nothing
-        elif restart:
-            trainer.discard_after(0, 0)  # rows logged before the crash that left no checkpoint
-        before = (run.path / "config.toml").read_bytes() if resume is not None and group.is_main else None
-        if group.is_main:
-            run.write_config(cfg, resumed=resume is not None and not restart)
-        start = trainer.step
         try:
-            summary = trainer.fit()
-        except BaseException:
-            if before is not None and trainer.step == start:  # nothing trained: the run is as it was
-                write_bytes(run.path / "config.toml", before)
-            raise
-        if group.is_main:
-            from cifarlab.plots import plot_curves  # matplotlib: only where something is drawn
+            if resume is not None and group.is_main:
+                run.hold_lock()  # before anything of the run is read or written
+            if resume is not None and not restart:
+                trainer.resume()  # before config.toml is rewritten: a failed resume changes nothing
+            elif restart:
+                trainer.discard_after(0, 0)  # rows logged before the crash that left no checkpoint
+            before = (run.path / "config.toml").read_bytes() if resume is not None and group.is_main else None
+            if group.is_main:
+                run.write_config(cfg, resumed=resume is not None and not restart)
+                run.hold_lock()  # a new run: now that its folder is there (a no-op for one locked)
+            start = trainer.step
+            try:
+                summary = trainer.fit()
+            except BaseException:
+                if before is not None and trainer.step == start:  # nothing trained: the run is as it was
+                    write_bytes(run.path / "config.toml", before)
+                raise
+            if group.is_main:
+                from cifarlab.plots import plot_curves  # matplotlib: only where something is drawn
 
-            plot_curves([(run.name, run.metrics)], run.path / "plots" / "curves.png", title=run.name)
+                plot_curves([(run.name, run.metrics)], run.path / "plots" / "curves.png", title=run.name)
+        finally:
+            run.release_lock()
         if trainer.interrupted_in_last_step:
             raise TrainingInterrupted(f"interrupted in the last step; {run.path} finished all {cfg.steps} steps "
                                       "and saved everything first")
