@@ -7,7 +7,7 @@
 #
 # DATA_DIR holds cifar10-jpeg.npz and unpack_cifar10.py (not needed once $WORK holds the unpacked
 # data: a second call on the same machine); WHEEL_DIR the .whl files (may hold none). Results,
-# the report and logs are kept in $WORK/results and packed after every part into one file,
+# the report and logs are kept in $WORK/results and packed after every step into one file,
 # OUT_DIR/gpu_check.tgz (a tool that returns few files gets them all, and a call cut short keeps
 # what finished). The script aims to end within SECONDS (default 540): every step's time limit
 # is cut to what is left (less what step 4 needs to wrap up, when it runs), and a step with too
@@ -57,7 +57,20 @@ fi
 work=${WORK:-/tmp/gpu-check}
 res=$work/results
 mkdir -p "$out" "$work" "$res"
+# pack: $res into OUT/gpu_check.tgz, after every step, so that a call killed in a part keeps what finished
 pack() { tar -czf "$out/.gpu_check.tgz" -C "$res" . && mv "$out/.gpu_check.tgz" "$out/gpu_check.tgz"; }
+# said PATTERN FILE RC: the step's line with PATTERN from its FILE, else what became of the step
+# (skipped, stopped at its time limit, failed: RC and its last line), on stdout, not only in FILE
+said() {
+    grep -m1 "$1" "$2" && return
+    local last
+    last=$(tail -1 "$2")
+    case $last in
+        "(skipped"*) ;;
+        *) if [ "$3" = 124 ]; then last="stopped at its time limit; last line: $last"; else last="rc $3; last line: $last"; fi ;;
+    esac
+    echo "$(basename "$2" .txt): $last"
+}
 shopt -s nullglob
 whl=("$wheels"/*.whl)
 shopt -u nullglob
@@ -98,9 +111,9 @@ if wants 1 || wants p; then
         limited 40 python3 benchmarks/profile_step.py --data "$data" --device "$device" --preset "$preset" \
             --steps "$prof_steps" --rows 12 --set backbone=efficientnet-lite0 --set backbone_weights=none \
             > "$res/profile-$preset.txt" 2>&1
-        grep -m1 "ms/step" "$res/profile-$preset.txt"
+        said "ms/step" "$res/profile-$preset.txt" $?
+        pack
     done
-    pack
 fi
 
 # default_run NAME SECONDS FLAGS...: the default 15,000-step ConvNet run with FLAGS, and its summary line
@@ -121,13 +134,13 @@ print(f"{sys.argv[1]}: test accuracy {s['final_test_accuracy']:.4f} (best {s['be
       f"training {s['train_seconds']:.1f} s, {s['ms_per_step']:.3f} ms/step, wall {s['wall_seconds']:.1f} s, "
       f"cuda_graph {s.get('cuda_graph')} {s.get('cuda_graph_failure', '')}")
 EOF
+    pack
 }
 
 if wants 2; then
     echo "== 2. classifier-b128, 15,000 steps"
     default_run fp32 90 --precision fp32
     default_run bf16 90 --precision bf16
-    pack
 fi
 
 if wants c; then
@@ -138,9 +151,9 @@ if wants c; then
     pack
     limited 90 python3 benchmarks/profile_step.py --data "$data" --device "$device" --preset classifier-b128 \
         --steps "$prof_steps" --rows 12 --set compile=true --set precision=bf16 > "$res/profile-compiled.txt" 2>&1
-    grep -m1 "ms/step" "$res/profile-compiled.txt"
-    default_run bf16-compile 120 --precision bf16 --compile  # with the compile
+    said "ms/step" "$res/profile-compiled.txt" $?
     pack
+    default_run bf16-compile 120 --precision bf16 --compile  # with the compile
 fi
 
 if wants 3; then
@@ -148,9 +161,11 @@ if wants 3; then
     limited 90 python3 benchmarks/concurrent_steps.py --data "$data" --preset classifier-b128 --procs "$procs" \
         --steps "$conc_steps" --device "$device" > "$res/concurrent-classifier.txt" 2>&1
     tail -7 "$res/concurrent-classifier.txt"
+    pack
     limited 50 python3 benchmarks/concurrent_steps.py --data "$data" --preset classifier-b128 --procs "$procs" \
         --steps "$conc_steps" --device "$device" --mode threads > "$res/concurrent-threads.txt" 2>&1
     tail -7 "$res/concurrent-threads.txt"
+    pack
     limited 60 python3 benchmarks/concurrent_steps.py --data "$data" --preset transfer-refine \
         --procs "${procs%%,*},${procs##*,}" --steps "$conc_steps" --device "$device" \
         --set backbone=efficientnet-lite0 --set backbone_weights=none > "$res/concurrent-transfer.txt" 2>&1
@@ -163,6 +178,7 @@ if wants s; then
     limited 60 python3 benchmarks/stacked_models.py --data "$data" --device "$device" "${stack[@]}" \
         > "$res/stacked-b128.txt" 2>&1
     tail -8 "$res/stacked-b128.txt"
+    pack
     limited 40 python3 benchmarks/stacked_models.py --data "$data" --device "$device" --batch-size 64 \
         "${stack64[@]}" > "$res/stacked-b64.txt" 2>&1
     tail -5 "$res/stacked-b64.txt"
@@ -181,6 +197,7 @@ if wants 4; then
             >> "$res/reproduce.log" 2>&1
         echo "rc $? after $(( $(date +%s) - start )) s"
         tr '\r' '\n' < "$res/reproduce.log" | tail -4
+        pack
     else
         echo "(skipped: $(left) s left)"
     fi
@@ -191,9 +208,15 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*/summary.json")):
     print(f"{p.parent.name:28} acc {s.get('final_test_accuracy') or 0:.4f}  train {s['train_seconds']:7.1f} s  "
           f"{s['ms_per_step']:.3f} ms/step")
 EOF
-    timeout 40 python3 -m cifarlab report "$work/report" > /dev/null &&
+    # a failed report leaves none in the results: an earlier call's tables would pass for this one's
+    rm -f "$res/report.html" "$res/report.md"
+    if timeout 40 python3 -m cifarlab report "$work/report" > "$res/report.log" 2>&1; then
         cp "$work/report/report.html" "$work/report/report.md" "$res/"
-    grep -E "^\| " "$res/report.md" 2>/dev/null | head -40
+        grep -E "^\| " "$res/report.md" | head -40
+    else
+        echo "(cifarlab report failed, rc $?: no report in the results; $res/report.log says why)"
+        tail -3 "$res/report.log"
+    fi
     pack
 fi
 echo "total $(( $(date +%s) - t0 )) s"

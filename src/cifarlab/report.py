@@ -23,6 +23,29 @@ from cifarlab.reproduce import GROUPS
 
 # The report's section 1.4.1 table (its classifier saw 5,000 test samples; see README).
 SEED_LAYER_OVR = {"flatten": 0.6305, "fc1": 0.59, "fc2": 0.7685}
+# The seed's study-1 tables, one per section, each with its own baseline row (1.2 and 1.3: batch
+# 128, 0.7503; 1.3.1 and 1.3.2: batch 64, 0.7520): (subheading, [(preset, label of a repeated
+# baseline row, None for the preset's own row)]). Sections 1 and 1.1 have no table in the seed.
+STUDY1_SECTIONS = [
+    ("Sections 1 and 1.1 (Figures 1 and 2): batch 128, weight decay (no table in the seed; its batch-128 "
+     "number is that of 1.2 and 1.3)",
+     [("classifier-b128", None), ("classifier-b128-wd0.005", None)]),
+    ("Section 1.2 (Figure 3): dropout, batch 128",
+     [("classifier-b128", "Section 1.2 baseline: batch 128, no dropout"), ("classifier-b128-dropout0.5", None),
+      ("classifier-b128-dropout0.2", None)]),
+    ("Section 1.3 (Figure 4): batch 64 against batch 128",
+     [("classifier-b128", "Section 1.3 baseline: batch 128"), ("classifier-b64", None)]),
+    ("Section 1.3.1 (Figure 5): weight decay, batch 64",
+     [("classifier-b64", "Section 1.3.1 baseline: batch 64, no regularisation"), ("classifier-b64-wd0.01", None),
+      ("classifier-b64-wd0.005", None)]),
+    ("Section 1.3.2 (Figure 6): dropout, batch 64",
+     [("classifier-b64", "Section 1.3.2 baseline: batch 64, no dropout"), ("classifier-b64-dropout0.5", None),
+      ("classifier-b64-dropout0.2", None)]),
+]
+# t-SNE as the seed ran it (section 1.4): scikit-learn of 2016, whose default start was random.
+SEED_TSNE = "scikit-learn's TSNE(perplexity=40, n_iter=300) on the raw features: 300 iterations from a random start"
+# openTSNE's default schedule, which embed_tsne keeps (tests check it against openTSNE's own).
+TSNE_EXAGGERATED_ITER, TSNE_ITER = 250, 500
 FIGURE_DIR = "figures"
 
 
@@ -32,6 +55,8 @@ class Row:
     seed: float | None
     ours: float | None
     note: str = ""
+    group: str = ""  # the seed's table (section) the row belongs to, a subheading; "" in a table of one
+    caveat: str = ""  # said beside our number, in its cell: "did not converge"
 
     @property
     def difference(self) -> float | None:
@@ -44,6 +69,16 @@ class Table:
     caption: str
     rows: list[Row]
     notes: list[str] = field(default_factory=list)  # long reasons shared by rows, said once
+
+    def sections(self) -> list[tuple[str, list[Row]]]:
+        """The rows by group, in order: one table under a subheading per seed table, as the seed
+        reports them; [("", rows)] for a table the seed has as one."""
+        out: list[tuple[str, list[Row]]] = []
+        for row in self.rows:
+            if not out or out[-1][0] != row.group:
+                out.append((row.group, []))
+            out[-1][1].append(row)
+        return out
 
     def shorten_shared_notes(self) -> "Table":
         """A long note several rows share (a skipped backbone's full message) moves below the
@@ -128,6 +163,16 @@ class ReportData:
     def no_curves(self, name: str) -> str:
         """Why a finished run has no curves to draw."""
         return self._metrics_errors.get(name, "its metrics.csv has no rows")
+
+    def unfinished(self, name: str) -> str:
+        """'unfinished: step N of M' for a run with curves but no result of its planned steps
+        (interrupted, failed, or not yet resumed to them): its curves stop short, which a figure
+        must say; "" for a finished run."""
+        if self.summary(name):
+            return ""
+        last = max((r["step"] for r in self.metrics(name)), default=0)
+        planned = self._planned_steps.get(name, self.config(name).get("steps"))
+        return f"unfinished: step {last:,}" + (f" of {planned:,}" if planned else "")
 
     def ovr(self, name: str, layer: str) -> dict | None:
         from cifarlab.analysis import read_ovr
@@ -229,40 +274,59 @@ def build_tables(data: ReportData) -> list[Table]:
     for preset in data.presets.values():
         by_study.setdefault(preset.study, []).append(preset)
 
+    def accuracy_row(p: Preset, group: str = "") -> Row:
+        s = data.summary(p.name)
+        refine = data.config(p.name).get("refine_after") if p.study == "transfer" else None
+        notes = [_steps_note(s, refine_after=refine) if s else data.why_missing(p.name), data.backbone_note(p.name),
+                 data.override_note(p.name)]
+        if p.seed_value is None:
+            notes.insert(0, "the report gives no number for this run")
+        return Row(p.reproduces, p.seed_value, s.get("final_test_accuracy"), "; ".join(n for n in notes if n), group)
+
     def accuracy_rows(presets: list[Preset]) -> list[Row]:
+        return [accuracy_row(p) for p in sorted(presets, key=_preset_order)]
+
+    def study1_rows(presets: list[Preset]) -> list[Row]:
+        """Rows grouped as the seed's tables: each seed section's rows, its baseline row repeated
+        (with a short note: the full one is on the run's own row)."""
+        by_name = {p.name: p for p in presets}
         rows = []
-        for p in sorted(presets, key=_preset_order):
-            s = data.summary(p.name)
-            ours = s.get("final_test_accuracy")
-            refine = data.config(p.name).get("refine_after") if p.study == "transfer" else None
-            notes = [_steps_note(s, refine_after=refine) if s else data.why_missing(p.name), data.backbone_note(p.name),
-                     data.override_note(p.name)]
-            if p.seed_value is None:
-                notes.insert(0, "the report gives no number for this run")
-            rows.append(Row(p.reproduces, p.seed_value, ours, "; ".join(n for n in notes if n)))
-        return rows
+        for section, members in STUDY1_SECTIONS:
+            for name, baseline in members:
+                if name in by_name:
+                    row = accuracy_row(by_name[name], section)
+                    if baseline is not None:
+                        row.experiment, row.note = baseline, f"the {name} run again (its own row is above)"
+                    rows.append(row)
+        placed = {name for _, members in STUDY1_SECTIONS for name, _ in members}
+        rest = sorted((p for p in presets if p.name not in placed), key=_preset_order)  # a preset no seed table has
+        return rows + [accuracy_row(p, "Other runs") for p in rest]
 
     n_test = f"{data.state['data']['test']:,}" if "data" in data.state else "the"
-    tables = [Table("Study 1: the ConvNet's test accuracy (sections 1 to 1.3)",
+    tables = [Table("Study 1: the ConvNet's test accuracy (sections 1 to 1.3.2)",
                     f"Test accuracy on all {n_test} test images after the last step; the seed's numbers are "
-                    "its final values.", accuracy_rows(by_study.get("classifier", [])))]
+                    "its final values. One table per table of the seed, each with its baseline row.",
+                    study1_rows(by_study.get("classifier", [])))]
 
+    ours_ovr, seed_ovr = _ovr_protocol()
     ref_summary = data.summary(REFERENCE_RUN)
     layer_rows = []
     for layer, seed in SEED_LAYER_OVR.items():
         res = data.ovr(REFERENCE_RUN, layer) if ref_summary else None
         if res:
-            note = "; ".join(n for n in (f"{res['n_fit']:,} fit / {res['n_score']:,} scored, {res['fit_seconds']:.1f} s",
+            counts = f"{res['n_fit']:,} fit / {res['n_score']:,} scored, {res['fit_seconds']:.1f} s"
+            note = "; ".join(n for n in (counts, _not_converged(res),
                                          data.older_checkpoint(REFERENCE_RUN, res.get("checkpoint"))) if n)
         else:
             note = data.why_no_ovr(REFERENCE_RUN, "all")
-        layer_rows.append(Row(f"{layer} features", seed, res["accuracy"] if res else None, note))
+        layer_rows.append(Row(f"{layer} features", seed, res["accuracy"] if res else None, note,
+                              caveat=_caveat(res)))
     tables.append(Table(
         "Section 1.4.1: one-vs-rest linear classifiers on the ConvNet's features",
-        f"Features of the {REFERENCE_RUN} run on the test set, shuffled once, 80% fit and 20% scored (the "
-        f"seed's protocol, on all {n_test} test images; the seed used 5,000 of the 10,000: 4,000 fit, 1,000 scored). "
-        "Ours: liblinear one-vs-rest "
-        "(linear-svm); the seed: OneVsRestClassifier(SVC(kernel='linear')).", layer_rows))
+        f"Features of the {REFERENCE_RUN} run on the test set, shuffled once, the first 80% fit and the last 20% "
+        f"scored, as the seed split them, but on all {n_test} test images (the seed used 5,000 of the 10,000: "
+        f"4,000 fit, 1,000 scored). The classifier is not the seed's: {ours_ovr}; the seed's: {seed_ovr}.",
+        layer_rows))
 
     siamese_rows = []
     for p in sorted(by_study.get("siamese", []), key=_preset_order):
@@ -273,19 +337,40 @@ def build_tables(data: ReportData) -> list[Table]:
             if s.get("best_test_accuracy") is not None:
                 note += (f"; same-class rule on test tuples (a pair accuracy, not OvR): {s['final_test_accuracy']:.4f}, "
                          f"best {s['best_test_accuracy']:.4f} at step {s['best_test_step']:,}")
-            note = "; ".join(n for n in (note, data.older_checkpoint(p.name, res.get("checkpoint"))) if n)
+            note = "; ".join(n for n in (note, _not_converged(res),
+                                         data.older_checkpoint(p.name, res.get("checkpoint"))) if n)
         else:
             note = data.why_no_ovr(p.name, "embedding")
         note = "; ".join(n for n in (note, data.override_note(p.name)) if n)
-        siamese_rows.append(Row(p.reproduces, p.seed_value, res["accuracy"] if res else None, note))
+        siamese_rows.append(Row(p.reproduces, p.seed_value, res["accuracy"] if res else None, note,
+                                caveat=_caveat(res)))
     tables.append(Table("Section 2.5: one-vs-rest on the Siamese embedding",
-                        "The 192-d L2-normalised embedding of the test set, the seed's protocol as above.",
-                        siamese_rows))
+                        "The 192-d L2-normalised embedding of the test set, split and classified as in section "
+                        "1.4.1 above: standardised features and liblinear's LinearSVC, not the seed's "
+                        "SVC(kernel='linear') on the raw features.", siamese_rows))
     tables.append(Table("Section 3.3: transfer learning, test accuracy",
                         "A pretrained backbone to pool5 under the ConvNet's fc head; feature extraction "
                         "(backbone frozen) and refining the whole network from step K.",
                         accuracy_rows(by_study.get("transfer", []))))
     return [t.shorten_shared_notes() for t in tables]
+
+
+def _ovr_protocol() -> tuple[str, str]:
+    """(ours, the seed's) one-vs-rest classifier in words, from the settings analysis uses."""
+    from cifarlab.analysis import LINEAR_SVM_MAX_ITER, LINEAR_SVM_TOL
+
+    return (f"each feature standardised (StandardScaler), then liblinear's LinearSVC (one-vs-rest, squared hinge "
+            f"loss, C = 1/d for d-wide features, tol {LINEAR_SVM_TOL:g}, at most {LINEAR_SVM_MAX_ITER:,} passes)",
+            "OneVsRestClassifier(SVC(kernel='linear')), libsvm's hinge loss with C = 1 on the raw features")
+
+
+def _caveat(res: dict | None) -> str:
+    """What our OvR number's cell says beside it: an unconverged fit is not the classifier's best."""
+    return "did not converge" if res and res.get("converged") is False else ""
+
+
+def _not_converged(res: dict) -> str:
+    return "the solver stopped at its iteration cap before converging" if _caveat(res) else ""
 
 
 def _preset_order(p: Preset) -> tuple:
@@ -341,10 +426,15 @@ def build_figures(data: ReportData, folder: Path) -> list[Figure]:
         if not have:
             figures.append(Figure(title, caption + " Not drawn:" + note, None, names))
             continue
-        png = plot_curves([(n, data.metrics(n)) for n in have], folder / f"{_slug(title)}.png", title=title)
-        figures.append(Figure(title, caption + (" Missing:" + note if missing else ""), png, have))
+        # a run cut short is drawn as far as it went, and says so in the legend and the caption
+        short = {n: data.unfinished(n) for n in have if data.unfinished(n)}
+        labels = [f"{n} ({short[n]})" if n in short else n for n in have]
+        png = plot_curves([(label, data.metrics(n)) for label, n in zip(labels, have)],
+                          folder / f"{_slug(title)}.png", title=title)
+        cut = "".join(f" {n}: {why} (its curves stop there)." for n, why in short.items())
+        figures.append(Figure(title, caption + cut + (" Missing:" + note if missing else ""), png, have))
     for title, caption, parts in TSNE_FIGURES:
-        panels, labels, classes, notes = [], None, None, []
+        panels, labels, classes, notes, metas = [], None, None, [], []
         for name, layer in parts:
             tsne = read_tsne(data.root / name, layer)
             if tsne is None:
@@ -358,11 +448,31 @@ def build_figures(data: ReportData, folder: Path) -> list[Figure]:
             if older:
                 notes.append(f"{name} {layer}: {older}")
             labels, classes = tsne["labels"], tsne["meta"]["classes"]
+            metas.append(tsne["meta"])
             panels.append((f"{name}: {layer}" if len({n for n, _ in parts}) > 1 else layer, tsne["coords"]))
         note = (" Missing or out of date: " + "; ".join(notes) + ".") if notes else ""
         png = plot_tsne(panels, labels, classes, folder / f"{_slug(title)}.png", title) if panels else None
-        figures.append(Figure(title, caption + note, png, [n for n, _ in parts]))
+        how = " " + _tsne_protocol(metas, data.state.get("data", {}).get("test")) if metas else ""
+        figures.append(Figure(title, caption + how + note, png, [n for n, _ in parts]))
     return sorted(figures, key=lambda f: _ORDER.index(f.title))
+
+
+def _tsne_protocol(metas: list[dict], n_test: int | None) -> str:
+    """How our t-SNE was made, beside the seed's, from what the panels' files record."""
+    first = metas[0]
+    points = first.get("points")
+    if points is None:
+        on = "the test images"
+    elif n_test and points < n_test:
+        on = f"{points:,} of the {n_test:,} test images (the same in every panel)"
+    else:
+        on = f"all {points:,} test images"
+    reduced = [m for m in metas if m.get("pca_dims")]
+    widths = ", ".join(dict.fromkeys(f"{m.get('layer', '?')} {m.get('input_dims', 0):,}-d" for m in reduced))
+    pca = f"; {widths} reduced to {reduced[0]['pca_dims']} dimensions by PCA first" if reduced else ""
+    perplexity = f"perplexity {first['perplexity']:g}, " if "perplexity" in first else ""
+    return (f"Ours: openTSNE on {on}, {perplexity}PCA initialisation, {TSNE_EXAGGERATED_ITER} early-exaggeration "
+            f"then {TSNE_ITER} iterations{pca}. The seed's: {SEED_TSNE}.")
 
 
 def _slug(title: str) -> str:
@@ -410,12 +520,19 @@ def environment(data: ReportData) -> list[tuple[str, str]]:
                                        "its resumes included)"))
     if "wall_seconds" in data.state:
         state = data.state
-        split = ""
+        parts = []
+        if "data_seconds" in state:
+            parts.append(f"{state['data_seconds']:,.1f} s loading the data")
+        if "train_seconds" in state:
+            parts.append(f"{state['train_seconds']:,.1f} s of training")
         if "analysis_seconds_after_training" in state:
-            split = (f": {state['train_seconds']:,.1f} s of training, then {state['analysis_seconds_after_training']:,.1f} s "
-                     f"for the analysis (made {state['analysis']} the training)")
+            parts.append(f"then {state['analysis_seconds_after_training']:,.1f} s for the analysis (made "
+                         f"{state['analysis']} the training)")
+        split = f": {', '.join(parts)}" if parts else ""
+        ended = (f"interrupted at {state.get('finished_at', '')}: run it again to go on" if state.get("interrupted")
+                 else f"finished {state.get('finished_at', '')}")
         info.append(("last reproduce call", f"{state['wall_seconds']:,.1f} s, {state.get('jobs', 1)} job(s) at a "
-                                            f"time{split}; finished {state.get('finished_at', '')}"))
+                                            f"time{split}; {ended}"))
     info.append(("report written", dt.datetime.now().isoformat(timespec="seconds")))
     return info
 
@@ -430,6 +547,10 @@ def _run_cells(r: dict) -> dict[str, str]:
     for key, pattern in (("steps", "{:,}"), ("wall", "{:,.1f}"), ("ms", "{:.1f}")):
         cells[key] = "" if r[key] is None else pattern.format(r[key])
     return cells
+
+
+def _ours_cell(row: Row) -> str:
+    return _fmt(row.ours) + (f" ({row.caveat})" if row.caveat else "")
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -516,14 +637,18 @@ def render_html(tables: list[Table], figures: list[Figure], runs: list[dict], en
     out.append("</table>")
     for table in tables:
         out.append(f"<h2>{e(table.title)}</h2><p class=\"caption\">{e(table.caption)}</p>")
-        out.append("<table class=\"results\"><tr><th>experiment</th><th>seed</th><th>ours</th><th>difference</th><th>note</th></tr>")
-        for row in table.rows:
-            diff = row.difference
-            cls = "num" + ("" if diff is None else (" up" if diff >= 0 else " down"))
-            out.append(f"<tr><td>{e(row.experiment)}</td><td class=\"num\">{_fmt(row.seed)}</td>"
-                       f"<td class=\"num\">{_fmt(row.ours)}</td><td class=\"{cls}\">{_fmt(diff, True)}</td>"
-                       f"<td>{e(row.note)}</td></tr>")
-        out.append("</table>")
+        for group, rows in table.sections():
+            if group:
+                out.append(f"<h3>{e(group)}</h3>")
+            out.append("<table class=\"results\"><tr><th>experiment</th><th>seed</th><th>ours</th><th>difference</th>"
+                       "<th>note</th></tr>")
+            for row in rows:
+                diff = row.difference
+                cls = "num" + ("" if diff is None else (" up" if diff >= 0 else " down"))
+                out.append(f"<tr><td>{e(row.experiment)}</td><td class=\"num\">{_fmt(row.seed)}</td>"
+                           f"<td class=\"num\">{e(_ours_cell(row))}</td><td class=\"{cls}\">{_fmt(diff, True)}</td>"
+                           f"<td>{e(row.note)}</td></tr>")
+            out.append("</table>")
         out += [f'<p class="caption">Note {i}: {e(note)}</p>' for i, note in enumerate(table.notes, 1)]
     out.append("<h2>Figures</h2>")
     for fig in figures:
@@ -554,11 +679,14 @@ def render_markdown(tables: list[Table], figures: list[Figure], runs: list[dict]
         out += [f"> **{warning}**", ""]
     out += ["## Environment", "", "| | |", "|---|---|", *(f"| {k} | {_md_cell(v)} |" for k, v in env), ""]
     for table in tables:
-        out += [f"## {table.title}", "", table.caption, "", "| experiment | seed | ours | difference | note |",
-                "|---|---:|---:|---:|---|"]
-        out += [f"| {_md_cell(r.experiment)} | {_fmt(r.seed)} | {_fmt(r.ours)} | {_fmt(r.difference, True)} | "
-                f"{_md_cell(r.note)} |" for r in table.rows]
-        out.append("")
+        out += [f"## {table.title}", "", table.caption, ""]
+        for group, rows in table.sections():
+            if group:
+                out += [f"### {group}", ""]
+            out += ["| experiment | seed | ours | difference | note |", "|---|---:|---:|---:|---|"]
+            out += [f"| {_md_cell(r.experiment)} | {_fmt(r.seed)} | {_md_cell(_ours_cell(r))} | "
+                    f"{_fmt(r.difference, True)} | {_md_cell(r.note)} |" for r in rows]
+            out.append("")
         out += [f"Note {i}: {note}\n" for i, note in enumerate(table.notes, 1)]
     out += ["## Figures", ""]
     for fig in figures:
