@@ -174,6 +174,7 @@ def test_ovr_writes_json_table_and_confusion_for_both_protocols(run_copy):
     assert (path / "features" / "train-step-4.npz").is_file()
     for name in LAYERS:
         assert (path / "plots" / f"confusion-{name}.png").stat().st_size > 10_000
+    assert split_rows[0]["png"] == path / "plots" / "confusion-fc2-split.png"  # the seed protocol's is kept
     table = A.format_ovr_table(seed_rows + split_rows)
     assert table.splitlines()[0].split()[:5] == ["layer", "dims", "protocol", "classifier", "accuracy"]
     assert len(table.splitlines()) >= 5

@@ -176,6 +176,9 @@ def test_siamese_trains_from_the_command_line(tmp_path):
     config = (run / "config.toml").read_text()
     assert 'study = "siamese"' in config and 'sampler = "random"' in config and 'loss = "report2"' in config
     assert [line.split(",")[1] for line in (run / "metrics.csv").read_text().splitlines()[1:]] == ["train", "val", "test"]
+    assert "test pair accuracy" in res.stdout
+    again = run_cli("train", "siamese", "--resume", run, "--quiet")
+    assert again.returncode == 0 and "already finished (nothing to train) s: 2 steps" in again.stdout
 
 
 def test_reproduce_and_report_give_one_line_errors(tmp_path):
@@ -373,3 +376,12 @@ def test_preset_runs_started_in_the_same_second_get_names_of_their_own(trained, 
         assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
         "classifier-b64-20261202-120000", "classifier-b64-20261202-120000-2"]
+
+
+def test_a_transfer_run_that_would_never_reach_its_refine_step_says_so(tmp_path):
+    data = make_image_folders(tmp_path / "data", 2)
+    res = run_cli("train", "transfer", "--backbone", "efficientnet-lite0", "--backbone-weights", "none",
+                  "--refine-after", 1000, "--steps", 1, "--batch-size", 4, "--eval-every", 1, "--data", data,
+                  "--out", tmp_path / "t", "--quiet", "--no-tensorboard")
+    assert res.returncode == 0, res.stderr
+    assert "note: refine_after 1000 is not below steps 1: this run trains the head on frozen features only" in res.stderr

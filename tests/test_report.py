@@ -156,3 +156,10 @@ def test_the_environment_says_a_reproduce_call_was_interrupted_and_what_its_time
     md = (tmp_path / "report.md").read_text()
     assert ("75.5 s, 1 job(s) at a time: 3.2 s loading the data; interrupted at 2026-12-02T15:00:00: "
             "run it again to go on") in md
+
+
+def test_a_damaged_reproduce_json_is_said_not_silently_left_out(tmp_path):
+    fake_run(tmp_path, "classifier-b128")
+    (tmp_path / "reproduce.json").write_text("{")
+    write_report(tmp_path)
+    assert "| reproduce.json | unreadable (damaged, or not JSON)" in (tmp_path / "report.md").read_text()

@@ -257,9 +257,15 @@ def test_missing_backbone_weights_skip_the_transfer_runs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(backbones, "VGG16_URL", (tmp_path / "nowhere" / backbones.VGG16_FILE).as_uri())
     data = make_image_folders(tmp_path / "data", 2)
-    state = reproduce(tmp_path / "out", data=data, only="study3", **QUICK)
+    log = []
+    state = reproduce(tmp_path / "out", data=data, only="study3", log=log.append, **QUICK)
     assert {r["status"] for r in state["runs"].values()} == {"skipped"}
     assert "could not download" in state["runs"]["transfer-features"]["note"]
+    # the console says why, with what to do, once (the report's note says it too)
+    full = [line for line in log if "vgg16 weights unavailable, so its runs are skipped" in line]
+    assert len(full) == 1 and "could not download" in full[0]
+    with pytest.raises(CifarlabError, match="--transfer-backbone must be vgg16 or efficientnet-lite0 .got 'resnet'"):
+        reproduce(tmp_path / "typo", data=data, only="study1", transfer_backbone="resnet", **QUICK)
     assert not any((tmp_path / "out" / name).exists() for name in state["runs"])
     md = (tmp_path / "out" / "report.md").read_text()
     assert md.count("skipped: see note 1 below") == 5 and "Note 1: skipped: backbone weights unavailable" in md

@@ -797,3 +797,74 @@ def test_the_commit_recorded_is_cifarlabs_own_never_that_of_a_project_it_is_inst
     (tmp_path / "cifarlab-checkout" / "src" / "cifarlab").mkdir(parents=True)
     monkeypatch.setattr(runs, "__file__", str(tmp_path / "cifarlab-checkout" / "src" / "cifarlab" / "runs.py"))
     assert runs.git_commit() == own != commit
+
+
+def test_a_second_ctrl_c_while_the_first_ones_save_is_written_lets_it_finish(tmp_path, monkeypatch):
+    from cifarlab import engine
+
+    data = synthetic_cifar()
+    cfg = small_cfg(steps=20)
+    save = engine.Trainer.save_checkpoint
+
+    def impatient_save(self, weights_too=True):  # the user presses Ctrl-C again while it saves
+        if not weights_too:
+            os.kill(os.getpid(), signal.SIGINT)
+        return save(self, weights_too)
+
+    monkeypatch.setattr(engine.Trainer, "save_checkpoint", impatient_save)
+    restore = _build_with(monkeypatch, InterruptAt(6))
+    with pytest.raises(CifarlabError, match="interrupted at step 7; progress saved"):
+        train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
+    restore()
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 7
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_where_a_resume_would_go_on_from(tmp_path, monkeypatch):
+    data = synthetic_cifar()
+    cfg = small_cfg(steps=40)  # checkpoints at 20 and 40
+
+    class TwiceAt(InterruptAt):
+        def happen(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    restore = _build_with(monkeypatch, TwiceAt(24))
+    with pytest.raises(CifarlabError, match=r"interrupted twice at step 24: stopped without saving; cifarlab train "
+                                            r"classifier --resume .*run goes on from the last checkpoint \(step 20\)"):
+        train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
+    restore = restore() or _build_with(monkeypatch, TwiceAt(3))
+    with pytest.raises(CifarlabError, match="interrupted twice at step 3: stopped without saving; nothing was saved "
+                                            "yet: .* trains it from the start"):
+        train(cfg, out=str(tmp_path / "new"), progress=False, data=data)
+    restore()
+
+
+def test_an_infinite_test_loss_stops_the_run_as_a_nan_training_loss_does(tmp_path, monkeypatch):
+    """Finite weights whose logits overflow give a finite running train loss but an infinite test
+    loss: the run has diverged, and summary.json must not get an Infinity (not JSON)."""
+    import cifarlab.train as train_module
+
+    build = train_module.build_task
+
+    def overflowing(*a, **k):
+        task = build(*a, **k)
+        evaluate = task.evaluate
+        task.evaluate = lambda: {name: (float("inf") if step_count["n"] >= 3 else loss, acc)
+                                 for name, (loss, acc) in evaluate().items()}
+        return task
+
+    step_count = {"n": 0}
+    monkeypatch.setattr(train_module, "build_task", overflowing)
+    from cifarlab import engine
+
+    log = engine.Trainer._log
+
+    def counting_log(self):
+        step_count["n"] += 1
+        return log(self)
+
+    monkeypatch.setattr(engine.Trainer, "_log", counting_log)
+    with pytest.raises(TrainingDiverged, match=r"test loss inf at step 30; the last good checkpoint is .*step-20"):
+        train(small_cfg(), out=str(tmp_path / "run"), progress=False, data=synthetic_cifar())
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert [r[0] for r in metric_values(tmp_path / "run")] == ["10", "10", "20", "20"]  # the bad rows are not logged

@@ -537,8 +537,10 @@ def run_ovr(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None 
         where = "test 20%" if protocol == "seed" else "test"
         title = (f"{run.name}: {name}, {classifier}, {protocol} protocol, step {test.checkpoint}\n"
                  f"accuracy {result['accuracy']:.4f} on {result['n_score']} {where} samples")
-        png = plot_confusion(np.array(result["confusion"]), test.classes, run.path / "plots" / f"confusion-{name}.png",
-                             title)
+        # the seed's protocol and classifier keep the plain name; others get their own file
+        variant = "".join(f"-{v}" for v, default in ((protocol, "seed"), (classifier, "linear-svm")) if v != default)
+        png = plot_confusion(np.array(result["confusion"]), test.classes,
+                             run.path / "plots" / f"confusion-{name}{variant}.png", title)
         rows.append({**result, "json": json_path, "png": png})
     return rows
 

@@ -114,10 +114,15 @@ def _train(study: str | None, flags: dict, preset: str | None, out: str | None, 
             raise CifarlabError("--resume continues a run as it was configured: drop --out and --preset")
         from cifarlab.runs import RunDir
 
-        have = RunDir.open(resume).config().study
+        existing = RunDir.open(resume)
+        have = existing.config().study
         if study is not None and have != study:
             raise CifarlabError(f"{resume} is a {have} run; resume it with `cifarlab train {have} --resume {resume}`")
+        before = existing.summary()
         run, summary = train(Config(), resume=resume, overrides=flags, progress=not quiet)
+        if summary is not None and summary == before:  # a finished run: train() did nothing
+            _print_run_result(run, summary, trained=False)
+            return
     else:
         if preset is not None:
             chosen = load_preset(preset)
@@ -126,6 +131,9 @@ def _train(study: str | None, flags: dict, preset: str | None, out: str | None, 
             cfg = chosen.config(**flags)
         else:
             cfg = Config.for_study(study, **flags)
+        if cfg.study == "transfer" and cfg.refine_after >= cfg.steps:
+            print(f"note: refine_after {cfg.refine_after} is not below steps {cfg.steps}: this run trains the "
+                  "head on frozen features only (--refine-after K < --steps refines from step K)", file=sys.stderr)
         run, summary = train(cfg, out=out, name=preset, progress=not quiet)
     if summary is not None:  # None on the ranks other than 0 of a --distributed run
         _print_run_result(run, summary)
@@ -207,10 +215,12 @@ def presets() -> None:
         print(f"{p.name:<28} {p.study:<11} seed {seed}  {p.reproduces}")
 
 
-def _print_run_result(run, summary: dict) -> None:
-    line = f"finished {run.name}: {summary['steps']} steps"
+def _print_run_result(run, summary: dict, trained: bool = True) -> None:
+    line = f"{'finished' if trained else 'already finished (nothing to train)'} {run.name}: {summary['steps']} steps"
     if summary["final_test_accuracy"] is not None:
-        line += (f", test accuracy {summary['final_test_accuracy']:.4f} "
+        # a Siamese run's accuracy is that of the rule "same class iff the distance is small", on pairs
+        what = "test pair accuracy" if run.config().study == "siamese" else "test accuracy"
+        line += (f", {what} {summary['final_test_accuracy']:.4f} "
                  f"(best {summary['best_test_accuracy']:.4f} at step {summary['best_test_step']})")
     print(f"{line}, {summary['ms_per_step']:.2f} ms/step on {summary['device']}")
     print(f"  run directory  {run.path}")
@@ -376,7 +386,7 @@ def tsne(
 
     out = run_tsne(run, layer, perplexity=perplexity, max_points=max_points, seed=seed, split=split,
                    checkpoint=checkpoint, data=data, device=device, progress=not quiet)
-    print(f"t-SNE of {out['points']} {split} points, checkpoint step {out['checkpoint']}, perplexity {out['perplexity']:g}")
+    print(f"t-SNE of {out['points']} {split} points, checkpoint step {out['checkpoint']}, perplexity {out['perplexity']:.4g}")
     for name, res in out["layers"].items():
         print(f"  {name:<12} {res['seconds']:6.1f} s  {res['png']}  {res['coords']}")
     if out["combined"] is not None:

@@ -364,7 +364,8 @@ def _first_cause(err: BaseException) -> str:
 
 
 class _InterruptFlag:
-    """First Ctrl-C asks the loop to stop at the next step boundary; a second one aborts.
+    """First Ctrl-C asks the loop to stop at the next step boundary; a second one aborts, unless
+    it comes while the save the first asked for is being written (it lets that finish).
 
     Off under --distributed: the ranks would see it at different steps, and torchrun stops
     every process on Ctrl-C anyway (resume from the last checkpoint).
@@ -372,6 +373,7 @@ class _InterruptFlag:
 
     def __init__(self, enabled: bool = True):
         self.set = False
+        self.saving = False  # the save the first Ctrl-C asked for: a second one waits for it (a second at most)
         self.enabled = enabled
         self._previous = None
 
@@ -384,7 +386,7 @@ class _InterruptFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.set:
+        if self.set and not self.saving:
             raise KeyboardInterrupt
         self.set = True
 
@@ -485,7 +487,7 @@ class Trainer:
         """Every rank calls it (the ranks hold the same weights); rank 0 writes."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise TrainingDiverged(
-                f"weights are not finite at step {self.step}; not saving. "
+                f"weights are not finite at step {self.step}, so they are not saved; "
                 f"{self.run.last_good_hint()}"
             )
         state = self._training_state()
@@ -573,6 +575,9 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run.path / "tb"), purge_step=self._purge_from)
         return self.writer
 
+    def _resume_command(self) -> str:
+        return f"cifarlab train {self.cfg.study} --resume {shlex.quote(str(self.run.path))}"
+
     def _wall(self) -> float:
         return self.clock["wall"] + time.perf_counter() - self._started
 
@@ -593,6 +598,9 @@ class Trainer:
         if not self.group.is_main:
             return {"train": train}
         results = {"train": train, **self.task.evaluate()}
+        bad = [f"{split} loss {loss}" for split, (loss, _) in results.items() if not math.isfinite(loss)]
+        if bad:  # finite weights whose outputs overflow: diverged all the same
+            raise TrainingDiverged(f"{', '.join(bad)} at step {self.step}; {self.run.last_good_hint()} Try a lower --lr.")
         for split, (loss, acc) in results.items():
             self.run.add_metric(self.step, split, loss, acc, elapsed)
             writer = self._tb()
@@ -641,11 +649,12 @@ class Trainer:
         bar = _progress(cfg.steps, self.step, self.progress, self.run.name)
         last = {}
         tick_at = time.perf_counter()
+        interrupt = _InterruptFlag(enabled=not self.group.distributed)
         try:
             if self.step == cfg.steps:
                 self._apply_discard()
                 last = self._finish_saved_step()
-            with _InterruptFlag(enabled=not self.group.distributed) as interrupt:
+            with interrupt:
                 while self.step < cfg.steps:
                     self._sync_phase()
                     compiling = bar is not None and self.runner.compile_pending
@@ -668,14 +677,24 @@ class Trainer:
                         bar.update(self.step - bar.n)
                         tick_at = time.perf_counter()
                     if interrupt.set and self.step < cfg.steps:
+                        interrupt.saving = True
                         self.save_checkpoint(weights_too=False)
                         raise TrainingInterrupted(
                             f"interrupted at step {self.step}; progress saved. "
-                            f"Continue with: cifarlab train {cfg.study} --resume {shlex.quote(str(self.run.path))}"
+                            f"Continue with: {self._resume_command()}"
                         )
             # A Ctrl-C in the last step (its evaluation and checkpoint) finds the run finished;
             # the caller still has to hear of it (reproduce must not go on to the next run).
             self.interrupted_in_last_step = interrupt.set
+        except KeyboardInterrupt:
+            if not interrupt.set:  # not the flag's second Ctrl-C (it is off under --distributed)
+                raise
+            # a second Ctrl-C: stop now, without saving this step
+            saved = self.run.saved_step() if self.group.is_main else None
+            where = (f"{self._resume_command()} goes on from the last checkpoint (step {saved})" if saved is not None
+                     else f"nothing was saved yet: {self._resume_command()} trains it from the start")
+            raise TrainingInterrupted(f"interrupted twice at step {self.step}: stopped without saving; {where}") \
+                from None
         finally:
             if bar is not None:
                 bar.close()

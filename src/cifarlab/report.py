@@ -506,6 +506,9 @@ def environment(data: ReportData) -> list[tuple[str, str]]:
             ("torch", ", ".join(torches) or torch.__version__),
             ("cifarlab", ", ".join(versions) or __version__) ]
     d = data.state.get("data")
+    if not data.state and (data.root / "reproduce.json").exists():  # read_json gives {} for a damaged file
+        info.append(("reproduce.json", "unreadable (damaged, or not JSON): the data and the last call's times are "
+                                       "missing here; the next `cifarlab reproduce` into this folder writes it anew"))
     if d:
         source = f" ({d['source']})" if d.get("source") else ""
         info.append(("data", f"{d['layout']} layout{source}, {d['train']:,} train / "

@@ -261,6 +261,8 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
             key = (run.config.backbone, run.config.backbone_weights)
             if key not in weights:
                 weights[key] = weights_problem(run.config, progress)
+                if weights[key] is not None:  # once, in full: it says what to do
+                    log(f"  {run.config.backbone} weights unavailable, so its runs are skipped: {weights[key]}")
             if weights[key] is not None:
                 records[run.name] = _record(run, "skipped", f"backbone weights unavailable: {weights[key]}")
                 log(f"  {run.name:<26} skipped: backbone weights unavailable")
@@ -676,6 +678,8 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
 
     if jobs < 1:
         raise CifarlabError(f"--jobs must be >= 1 (got {jobs})")
+    if transfer_backbone not in (None, "vgg16", "efficientnet-lite0"):  # also when study3 is left out: a typo
+        raise CifarlabError(f"--transfer-backbone must be vgg16 or efficientnet-lite0 (got {transfer_backbone!r})")
     for key in ("data", "device", "backbone", "backbone_weights"):  # given by flags of their own
         if key in (overrides or {}):
             flag = "--transfer-backbone" if key == "backbone" else "--" + key.replace("_", "-")

@@ -62,9 +62,9 @@ def _check_free(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise CifarlabError(f"{path}: is a file, not a run directory; choose another --out")
     if path.exists() and any(path.iterdir()):
-        hint = (f"pass --resume {path} to continue it" if (path / "config.toml").is_file()
-                else "it is not a cifarlab run")
-        raise CifarlabError(f"{path}: already exists and is not empty; {hint}, or choose another --out")
+        hint = (f"pass --resume {path} to continue it, or choose another --out" if (path / "config.toml").is_file()
+                else "it is not a cifarlab run: choose another --out")
+        raise CifarlabError(f"{path}: already exists and is not empty; {hint}")
 
 
 def stamped_path(folder: Path, prefix: str) -> Path:
@@ -354,8 +354,8 @@ class RunDir:
     def last_good_hint(self) -> str:
         steps = self.weight_steps()
         if not steps:
-            return "No checkpoint was saved before that."
-        return f"The last good checkpoint is {self.checkpoints / f'step-{steps[-1]}.safetensors'}."
+            return "no checkpoint was saved before that."
+        return f"the last good checkpoint is {self.checkpoints / f'step-{steps[-1]}.safetensors'}."
 
     # -- summary -------------------------------------------------------------------------------
     def summary(self, steps: int | None = None) -> dict:
