@@ -163,3 +163,11 @@ def test_a_damaged_reproduce_json_is_said_not_silently_left_out(tmp_path):
     (tmp_path / "reproduce.json").write_text("{")
     write_report(tmp_path)
     assert "| reproduce.json | unreadable (damaged, or not JSON)" in (tmp_path / "report.md").read_text()
+
+
+def test_a_tsne_caption_claims_all_test_images_only_when_it_knows_how_many_there_are():
+    from cifarlab.report import _tsne_protocol
+
+    assert "openTSNE on 120 test images," in _tsne_protocol([{"points": 120}], None)
+    assert "openTSNE on 120 of the 300 test images" in _tsne_protocol([{"points": 120}], 300)
+    assert "openTSNE on all 300 test images" in _tsne_protocol([{"points": 300}], 300)

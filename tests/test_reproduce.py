@@ -785,3 +785,49 @@ def test_runs_at_once_hand_each_finished_run_to_the_analysis_beside(tmp_path):
 def test_analysis_when_is_checked(tmp_path):
     with pytest.raises(CifarlabError, match="--analysis must be one of auto, during, after \\(got 'soon'\\)"):
         reproduce(tmp_path / "out", data=tmp_path / "no-data", **{**QUICK, "analysis": "soon"})
+
+
+def test_a_run_another_process_trains_is_neither_moved_aside_nor_recorded_as_failed(tmp_path):
+    """Before its first checkpoint a run in training looks abandoned (config.toml, no last.pt):
+    a second reproduce into the same folder must refuse, not move it aside and train anew."""
+    import subprocess
+    import sys
+
+    out, data = tmp_path / "out", make_image_folders(tmp_path / "data", 2)
+    run = plan(out, ["study1"], QUICK["steps_scale"], QUICK["max_evals"], str(data), "cpu", None, None,
+               QUICK["overrides"])[0]
+    from cifarlab.runs import RunDir
+
+    started = RunDir.create(str(run.path), "classifier")
+    started.write_config(run.config)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(run.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CifarlabError, match="classifier-b128: another process is training this run right now"):
+            reproduce(out, data=data, only="study1", **QUICK)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == ["classifier-b128"] and not (out / "reproduce.json").exists()
+
+
+def test_an_interrupted_parallel_call_keeps_the_records_of_runs_it_did_not_start(tmp_path, monkeypatch):
+    import cifarlab.reproduce as rep
+    from cifarlab.fileio import write_json
+    from cifarlab.runs import RunDir
+
+    runs = plan(tmp_path / "out", ["study1"], 0.0004, device="cpu")[:3]
+    done = RunDir.create(str(runs[0].path), "classifier")
+    done.write_config(runs[0].config)
+    write_json(runs[0].path / "summary.json", {"steps": runs[0].config.steps})
+
+    def interrupted(*args, **kwargs):
+        raise rep._interrupted("interrupted", {runs[1].name: {"status": "failed"}})
+
+    monkeypatch.setattr(rep, "_execute_parallel", interrupted)
+    with pytest.raises(CifarlabError) as caught:
+        rep.execute(runs, jobs=2, progress=False, log=lambda *_: None)
+    assert caught.value.records == {runs[0].name: caught.value.records[runs[0].name], runs[1].name: {"status": "failed"}}
+    assert caught.value.records[runs[0].name]["status"] == "finished"

@@ -868,3 +868,52 @@ def test_an_infinite_test_loss_stops_the_run_as_a_nan_training_loss_does(tmp_pat
         train(small_cfg(), out=str(tmp_path / "run"), progress=False, data=synthetic_cifar())
     assert not (tmp_path / "run" / "summary.json").exists()
     assert [r[0] for r in metric_values(tmp_path / "run")] == ["10", "10", "20", "20"]  # the bad rows are not logged
+
+
+def test_a_third_ctrl_c_aborts_even_the_save_the_first_asked_for():
+    """A save that hangs (a stalled disk) must not make the process deaf to Ctrl-C."""
+    from cifarlab.engine import _InterruptFlag
+
+    flag = _InterruptFlag()
+    flag._handle(signal.SIGINT, None)  # the first: stop at the next step, saving
+    flag.saving = True
+    flag._handle(signal.SIGINT, None)  # the second waits for the save
+    with pytest.raises(KeyboardInterrupt):
+        flag._handle(signal.SIGINT, None)
+
+
+def test_config_toml_without_a_study_is_refused_without_advice_to_delete_the_run(tmp_path):
+    (tmp_path / "config.toml").write_text("steps = 10\n")
+    with pytest.raises(CifarlabError, match=r"names no study; put back its `study = ...` line") as caught:
+        load_config(tmp_path / "config.toml")
+    assert "delete" not in str(caught.value)
+
+
+def test_a_file_system_that_cannot_fsync_still_gets_its_files_but_a_full_disk_is_an_error(tmp_path, monkeypatch):
+    import errno
+
+    from cifarlab import fileio
+
+    def no_fsync(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(fileio.os, "fsync", no_fsync)
+    fileio.write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").read_text() == "x"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        fileio.write_text(tmp_path / "b.txt", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_a_gpu_index_the_machine_does_not_have_is_one_clear_error(monkeypatch):
+    from cifarlab import engine
+
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(engine.torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(CifarlabError, match=r"--device cuda:3: torch sees 1 GPU\(s\), cuda:0 to cuda:0"):
+        engine.check_device("cuda:3")

@@ -240,7 +240,10 @@ def parse_settings(items: list[str] | None) -> dict[str, Any]:
 def load_config(path: Path) -> Config:
     values = read_toml(path)
     values.pop("about", None)
-    if "study" not in values:  # the empty file a new run claims its folder with, left by a start that failed
+    if not values:  # the empty file a new run claims its folder with, left by a start that failed
         raise CifarlabError(f"{path}: holds no settings (the run never got past its start); "
                             f"delete {path.parent} and train it anew")
+    if "study" not in values:
+        raise CifarlabError(f"{path}: names no study; put back its `study = ...` line (classifier, siamese or "
+                            "transfer)")
     return Config.from_dict(values, source=str(path))

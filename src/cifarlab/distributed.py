@@ -10,6 +10,7 @@ and the L2 term, added on every rank, survives the averaging unchanged). Only ra
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -200,9 +201,12 @@ def launch(cfg: Config) -> Iterator[Solo]:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     try:
         yield Distributed(rank, world_size, device)
-        # All ranks reach the end before any tears its connections down: a rank whose peer had
-        # already left was once seen to abort in gloo's shutdown ("terminate called without an
-        # active exception"). Not after an error: the others may never come.
+        # What still holds the process group goes first (a DDP wrapper replaced when the backbone
+        # unfroze sits in a reference cycle): left to the interpreter's exit, its teardown after
+        # the group's was seen to abort a rank ("terminate called without an active exception").
+        gc.collect()
+        # All ranks reach the end before any tears its connections down (a rank whose peer had
+        # already left aborted the same way). Not after an error: the others may never come.
         dist.barrier()
     finally:
         dist.destroy_process_group()

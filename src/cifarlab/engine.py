@@ -66,6 +66,9 @@ def check_device(name: str) -> None:
         raise CifarlabError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CifarlabError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise CifarlabError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -365,7 +368,8 @@ def _first_cause(err: BaseException) -> str:
 
 class _InterruptFlag:
     """First Ctrl-C asks the loop to stop at the next step boundary; a second one aborts, unless
-    it comes while the save the first asked for is being written (it lets that finish).
+    it comes while the save the first asked for is being written (it lets that finish; a third
+    aborts that too).
 
     Off under --distributed: the ranks would see it at different steps, and torchrun stops
     every process on Ctrl-C anyway (resume from the last checkpoint).
@@ -373,7 +377,8 @@ class _InterruptFlag:
 
     def __init__(self, enabled: bool = True):
         self.set = False
-        self.saving = False  # the save the first Ctrl-C asked for: a second one waits for it (a second at most)
+        self.saving = False  # the save the first Ctrl-C asked for is being written: a second Ctrl-C waits for it
+        self.waited = False  # ... and a third does not (a save that hangs on a stalled disk)
         self.enabled = enabled
         self._previous = None
 
@@ -386,8 +391,10 @@ class _InterruptFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.set and not self.saving:
+        if self.set and (not self.saving or self.waited):
             raise KeyboardInterrupt
+        if self.set:  # the save is being written: this once, let it finish (a third Ctrl-C aborts it)
+            self.waited = True
         self.set = True
 
     def __exit__(self, *exc):
@@ -595,12 +602,17 @@ class Trainer:
                 f"training loss became {train[0]} before step {self.step}; "
                 f"{self.run.last_good_hint()} Try a lower --lr."
             )
+        results = {"train": train, **self.task.evaluate()} if self.group.is_main else {"train": train}
+        bad = [f"{split} loss {loss}" for split, (loss, _) in results.items() if not math.isfinite(loss)]
+        if self.group.distributed:  # rank 0 alone evaluates: the others must stop with it, not wait for it
+            anyone = self.group.all_sum(torch.tensor([float(bool(bad))], device=self.device)).item() > 0
+            if anyone and not bad:
+                bad = ["rank 0's evaluation loss"]
+        if bad:  # finite weights whose outputs overflow: diverged all the same
+            hint = self.run.last_good_hint() if self.group.is_main else "see rank 0's message."
+            raise TrainingDiverged(f"{', '.join(bad)} at step {self.step}; {hint} Try a lower --lr.")
         if not self.group.is_main:
             return {"train": train}
-        results = {"train": train, **self.task.evaluate()}
-        bad = [f"{split} loss {loss}" for split, (loss, _) in results.items() if not math.isfinite(loss)]
-        if bad:  # finite weights whose outputs overflow: diverged all the same
-            raise TrainingDiverged(f"{', '.join(bad)} at step {self.step}; {self.run.last_good_hint()} Try a lower --lr.")
         for split, (loss, acc) in results.items():
             self.run.add_metric(self.step, split, loss, acc, elapsed)
             writer = self._tb()

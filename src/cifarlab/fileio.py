@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -77,8 +78,8 @@ def _flush_to_disk(path: Path) -> None:
         raise
     try:
         os.fsync(fd)
-    except OSError:
-        if not is_dir:
+    except OSError as err:  # a full disk is an error; a file system that cannot fsync (some FUSE, SMB) is not
+        if not is_dir and err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS):
             raise
     finally:
         os.close(fd)

@@ -463,7 +463,9 @@ def _tsne_protocol(metas: list[dict], n_test: int | None) -> str:
     points = first.get("points")
     if points is None:
         on = "the test images"
-    elif n_test and points < n_test:
+    elif not n_test:  # the test set's size unknown (no readable reproduce.json)
+        on = f"{points:,} test images"
+    elif points < n_test:
         on = f"{points:,} of the {n_test:,} test images (the same in every panel)"
     else:
         on = f"all {points:,} test images"

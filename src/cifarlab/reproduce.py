@@ -140,7 +140,10 @@ def run_state(run: PlannedRun) -> str:
 
 
 def _move_aside(path: Path) -> Path:
-    from cifarlab.runs import stamped_path
+    from cifarlab.runs import being_trained, stamped_path
+
+    if being_trained(path):  # it only looks abandoned (no checkpoint yet): another process trains it
+        raise CifarlabError(f"{path}: another process is training this run right now; let it finish, or stop it")
 
     target = stamped_path(path.parent, f"{path.name}.incomplete")
     path.rename(target)
@@ -276,7 +279,12 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
         return records
     jobs = max(1, min(jobs, len(todo)))
     if jobs > 1:
-        return {**records, **_execute_parallel(todo, jobs, progress, log, background=background)}
+        try:
+            return {**records, **_execute_parallel(todo, jobs, progress, log, background=background)}
+        except CifarlabError as err:  # interrupted: the records of this call so far go with it
+            if hasattr(err, "records"):
+                err.records = {**records, **err.records}
+            raise
     for run, resume in todo:
         try:
             train_one(run.config.to_dict(), str(run.path), resume, progress=progress, data=data)
@@ -702,8 +710,13 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     groups = parse_only(only)
     runs = plan(out, groups, steps_scale, max_evals, str(data or ""), device, transfer_backbone, backbone_weights,
                 overrides)
-    for run in runs:  # a run folder trained otherwise is refused now, before loading (or downloading) data
+    from cifarlab.runs import being_trained
+
+    for run in runs:  # a run folder trained otherwise, or by another process now, is refused before any work
         run_state(run)
+        if being_trained(run.path):
+            raise CifarlabError(f"{run.path}: another process is training this run right now (a second "
+                                f"reproduce into {out}?); let it finish, or stop it, then run this again")
     dataset = load_cifar10(data, download=True, progress=progress)  # once, here: builds the cache for all runs
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE

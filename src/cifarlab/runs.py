@@ -113,6 +113,19 @@ def load_state(target, state: dict, path: Path, what_to_do: str) -> None:
         refuse("; ".join(problems))
 
 
+def being_trained(path: Path) -> bool:
+    """Whether another process holds the run folder's lock (RunDir.hold_lock) now."""
+    if not path.is_dir():
+        return False
+    probe = RunDir(path)
+    try:
+        probe.hold_lock()
+    except CifarlabError:
+        return True
+    probe.release_lock()
+    return False
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)

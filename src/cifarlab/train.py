@@ -39,16 +39,20 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
         if not restart and run.saved_step() == cfg.steps and (summary := run.summary(cfg.steps)):
             # nothing to train, nothing to rewrite (under torchrun rank 0 alone reports, as fit does)
             return run, None if cfg.distributed and os.environ.get("RANK", "0") != "0" else summary
-    with launch(cfg) as group:
+
+    def train_in(group) -> tuple[RunDir, dict | None]:
+        """The run in this launch. A function so that its trainer, task and DDP wrappers are freed
+        when it returns, before the launch tears the process group down (see launch)."""
+        run = existing
         if resume is None:  # rank 0 names it (a time stamp) and checks it is free
             run = group.on_main(lambda: RunDir.create(out, name or cfg.study))
-        progress = progress and group.is_main
+        show = progress and group.is_main
         autocast = make_autocast(cfg.precision, group.device)
         with group.main_first():  # rank 0 downloads and caches data and weights for the others
             # a resume loads every weight from last.pt: a transfer backbone's file is not needed
-            task = build_task(cfg, group.device, autocast, data=data, progress=progress,
+            task = build_task(cfg, group.device, autocast, data=data, progress=show,
                               for_checkpoint=resume is not None and not restart)
-        trainer = Trainer(cfg, task, run, group.device, progress=progress, group=group)
+        trainer = Trainer(cfg, task, run, group.device, progress=show, group=group)
         try:
             if resume is not None and group.is_main:
                 run.hold_lock()  # before anything of the run is read or written
@@ -76,7 +80,11 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
         if trainer.interrupted_in_last_step:
             raise TrainingInterrupted(f"interrupted in the last step; {run.path} finished all {cfg.steps} steps "
                                       "and saved everything first")
-    return run, summary
+        return run, summary
+
+    existing = run if resume is not None else None
+    with launch(cfg) as group:
+        return train_in(group)
 
 
 def recorded_paths(cfg: Config) -> Config:
