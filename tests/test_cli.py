@@ -71,6 +71,7 @@ def test_plot_overlays_runs_with_labels(trained, tmp_path):
     out = tmp_path / "overlay.png"
     res = run_cli("plot", run, run, "--out", out, "--labels", "a,b")
     assert res.returncode == 0, res.stderr and out.stat().st_size > 10_000
+    assert f"note: {run} given more than once" in res.stderr
     bad = run_cli("plot", run, "--out", out, "--labels", "a,b")
     assert bad.returncode != 0 and "one per run" in bad.stderr
 
@@ -385,3 +386,15 @@ def test_a_transfer_run_that_would_never_reach_its_refine_step_says_so(tmp_path)
                   "--out", tmp_path / "t", "--quiet", "--no-tensorboard")
     assert res.returncode == 0, res.stderr
     assert "note: refine_after 1000 is not below steps 1: this run trains the head on frozen features only" in res.stderr
+
+
+def test_plot_says_when_its_runs_are_of_different_studies(trained, tmp_path):
+    _, run, _ = trained
+    data = make_image_folders(tmp_path / "data", 10)
+    siamese = tmp_path / "s"
+    res = run_cli("train", "siamese", "--data", data, "--steps", 2, "--batch-size", 10, "--fraction-same", 0.1,
+                  "--val-tuples", 2, "--eval-every", 2, "--out", siamese, "--quiet", "--no-tensorboard")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("plot", run, siamese, "--out", tmp_path / "mixed.png")
+    assert res.returncode == 0 and (tmp_path / "mixed.png").is_file()
+    assert "note: these runs are of different studies (classifier, siamese)" in res.stderr

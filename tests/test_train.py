@@ -917,3 +917,16 @@ def test_a_gpu_index_the_machine_does_not_have_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(engine.torch.cuda, "device_count", lambda: 1)
     with pytest.raises(CifarlabError, match=r"--device cuda:3: torch sees 1 GPU\(s\), cuda:0 to cuda:0"):
         engine.check_device("cuda:3")
+
+
+def test_a_resume_refuses_a_metrics_file_cut_short_rather_than_leave_a_gap(tmp_path):
+    data = synthetic_cifar()
+    run, _ = train(small_cfg(steps=20), out=str(tmp_path / "run"), progress=False, data=data)
+    metrics = tmp_path / "run" / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(line for line in lines if not line.startswith("20,")) + "\n")  # rows to step 10
+    kept = metrics.read_bytes()
+    with pytest.raises(CifarlabError, match=r"metrics.csv: ends at step 10, but .*last.pt was saved at step 20, "
+                                            r"after an evaluation at step 20: the file was cut short"):
+        train(small_cfg(), resume=tmp_path / "run", overrides={"steps": 30}, progress=False, data=data)
+    assert metrics.read_bytes() == kept

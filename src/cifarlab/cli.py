@@ -276,12 +276,20 @@ def plot(
     names = [label.strip() for label in labels.split(",")] if labels else [Path(r).name for r in runs]
     if len(names) != len(runs):
         raise CifarlabError(f"--labels has {len(names)} names for {len(runs)} runs; give one per run")
-    series = []
+    twice = sorted({str(r) for r in runs if sum(Path(x).resolve() == Path(r).resolve() for x in runs) > 1})
+    if twice:
+        print(f"note: {', '.join(twice)} given more than once: its curves are drawn over each other",
+              file=sys.stderr)
+    series, studies = [], set()
     for name, path in zip(names, runs):
         rundir = RunDir.open(path)
         if not rundir.metrics:
             raise CifarlabError(f"{path}: no metrics.csv rows yet; train it first")
         series.append((name, rundir.metrics))
+        studies.add(rundir.config().study)
+    if len(studies) > 1:  # a classifier's cross-entropy and a contrastive loss share no scale
+        print(f"note: these runs are of different studies ({', '.join(sorted(studies))}): their losses and "
+              "accuracies measure different things", file=sys.stderr)
     print(plot_curves(series, out, title=title))
 
 

@@ -540,6 +540,12 @@ class Trainer:
         # step's weights and last.pt); the log of a last step off the eval cadence is not part
         # of a longer run (an uninterrupted one has none there): both go.
         keep = self.step if self._on_cadence(self.step) or self.step >= self.cfg.steps else self.step - 1
+        logged_to = max((row["step"] for row in self.run.metrics), default=0)
+        due = self.step - self.step % self.cfg.eval_every  # the last evaluation the saved run made
+        if logged_to < due:  # a resume would leave a gap in the curves (every rank read the file: all stop)
+            raise CifarlabError(f"{self.run.path / 'metrics.csv'}: ends at step {logged_to}, but {last} was saved "
+                                f"at step {self.step}, after an evaluation at step {due}: the file was cut short or "
+                                "replaced; put back the run's own metrics.csv")
         self.discard_after(self.step, keep)
 
     def discard_after(self, step: int, rows_upto: int) -> None:
