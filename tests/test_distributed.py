@@ -67,12 +67,13 @@ def torchrun(cwd, study, *args, nproc=2):
     return res
 
 
-def ranks(cwd, study, *args, nproc=2):
+def ranks(cwd, study, *args, nproc=2, env=None, failing=False):
     """The processes torchrun would start, each with the environment it would give them, but
     without its launcher (one more torch import per call). The classifier test goes through
-    torchrun itself; the others test what the ranks do."""
+    torchrun itself; the others test what the ranks do. `failing`: every rank is to fail on its
+    own; returns what each printed."""
     env = process_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
-                      LOCAL_WORLD_SIZE=str(nproc))
+                      LOCAL_WORLD_SIZE=str(nproc), **(env or {}))
     cmd = [sys.executable, "-m", "cifarlab", "train", study, "--distributed", "--quiet", *args]
     logs = [Path(cwd) / f"rank-{rank}.log" for rank in range(nproc)]
     procs = []
@@ -81,9 +82,9 @@ def ranks(cwd, study, *args, nproc=2):
             with open(log, "w") as f:  # a file, not a pipe: no rank can block on a full pipe
                 procs.append(subprocess.Popen(cmd, cwd=cwd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                                               stdout=f, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + (120 if failing else 300)
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.returncode not in (None, 0) for p in procs):
+            if not failing and any(p.returncode not in (None, 0) for p in procs):
                 break  # one rank failed: the others would wait for it in a collective
             time.sleep(0.2)
     finally:
@@ -91,9 +92,13 @@ def ranks(cwd, study, *args, nproc=2):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    output = "".join(f"--- {log.name}\n{log.read_text()}" for log in logs)
+    printed = [log.read_text() for log in logs]
+    output = "".join(f"--- {log.name}\n{text}" for log, text in zip(logs, printed))
     for log in logs:
         log.unlink()
+    if failing:
+        assert all(p.returncode not in (0, -9) for p in procs), output  # each ended by itself
+        return printed
     assert [p.returncode for p in procs] == [0] * nproc, output
 
 
@@ -199,3 +204,24 @@ def test_each_rank_takes_its_contiguous_rows_of_every_input():
         rows = list(range(4 * rank, 4 * rank + 4))
         part = Distributed(rank, 2, torch.device("cpu")).shard((anchor, second, same))
         assert [t.tolist() for t in part] == [[7] * 4, rows, [2.0 * i for i in rows]]
+
+
+def test_a_non_finite_evaluation_loss_stops_every_rank_not_only_rank_0(tmp_path, cifar_dir):
+    """Rank 0 alone evaluates; the others must stop with it rather than wait in their next
+    collective (for up to the collective timeout under a launcher that does not kill them)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import cifarlab.studies as s\n"
+        "real, calls = s.ClassifierTask.evaluate, []\n"
+        "def evaluate(self):\n"
+        "    calls.append(1)\n"
+        "    return {k: (float('inf') if len(calls) > 1 else v[0], v[1]) for k, v in real(self).items()}\n"
+        "s.ClassifierTask.evaluate = evaluate\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    path = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
+    rank0, rank1 = ranks(work, "classifier", "--out", "run", *flags(steps=20, data=cifar_dir, **SHARED),
+                         env={"PYTHONPATH": path}, failing=True)
+    assert "test loss inf at step 10" in rank0
+    assert "rank 0's evaluation loss at step 10" in rank1
