@@ -725,7 +725,7 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     start = time.perf_counter()
     points = min(tsne_points, len(dataset.test_labels))
     background = AnalysisBesideTraining(out, points, log) if _analyse_during(analysis, device) else None
-    clock = {"data_seconds": round(start - called, 2)}
+    clock = {"data_seconds": start - called}  # rounded when recorded (a rounded part made -0.0 s of another)
 
     def record(records: dict[str, dict], **more) -> dict:
         """What this call did, in reproduce.json: written when it ends, interrupted or not, so that
@@ -739,7 +739,7 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
             "data": {"layout": dataset.layout, "source": str(Path(dataset.source).resolve()),
                      "checksum": dataset.checksum, "train": int(len(dataset.train_labels)),
                      "test": int(len(dataset.test_labels))},
-            "wall_seconds": round(time.perf_counter() - called, 2), **clock,
+            "wall_seconds": round(time.perf_counter() - called, 2), **{k: round(v, 2) for k, v in clock.items()},
             "analysis": "during" if background is not None else "after", **more,
             "runs": {**previous.get("runs", {}), **records},
         }
@@ -749,10 +749,10 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     records: dict[str, dict] = {}
     try:
         records = execute(runs, jobs, progress, data=dataset, log=log, background=background)
-        clock["train_seconds"] = round(time.perf_counter() - start, 2)
+        clock["train_seconds"] = time.perf_counter() - start
         done = background.finish() if background is not None else set()
         analyse(out, records, points, progress, log, done=done)
-        clock["analysis_seconds_after_training"] = round(time.perf_counter() - start - clock["train_seconds"], 2)
+        clock["analysis_seconds_after_training"] = time.perf_counter() - start - clock["train_seconds"]
     except BaseException as err:
         if background is not None:
             background.stop()
@@ -762,7 +762,7 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     record(records)
     reporting = time.perf_counter()
     html, md = write_report(out)
-    clock["report_seconds"] = round(time.perf_counter() - reporting, 2)
+    clock["report_seconds"] = time.perf_counter() - reporting
     state = record(records)  # again, with the report's time in the total
     state["report"] = {"html": str(html), "md": str(md)}
     # what went wrong in this call (state["runs"] also keeps records of earlier calls' runs)
