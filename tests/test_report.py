@@ -171,3 +171,14 @@ def test_a_tsne_caption_claims_all_test_images_only_when_it_knows_how_many_there
     assert "openTSNE on 120 test images," in _tsne_protocol([{"points": 120}], None)
     assert "openTSNE on 120 of the 300 test images" in _tsne_protocol([{"points": 120}], 300)
     assert "openTSNE on all 300 test images" in _tsne_protocol([{"points": 300}], 300)
+
+
+def test_a_run_whose_config_toml_is_damaged_is_listed_as_unreadable_not_left_out(tmp_path):
+    fake_run(tmp_path, "classifier-b128")
+    fake_run(tmp_path, "classifier-b64")
+    (tmp_path / "classifier-b64" / "config.toml").write_text("steps = [")
+    write_state(tmp_path)
+    write_report(tmp_path)
+    runs = (tmp_path / "report.md").read_text().split("## Runs")[1]
+    row = next(line for line in runs.splitlines() if line.startswith("| classifier-b64 |"))
+    assert "| unreadable |" in row and "unreadable: " in row and "classifier-b64/config.toml" in row

@@ -486,11 +486,12 @@ def run_rows(data: ReportData) -> list[dict]:
     for name, preset in data.presets.items():
         s = data.summary(name)
         record = data.state.get("runs", {}).get(name, {})
-        if not s and not record and name not in data.present:
+        damaged = name in data._damaged  # its config.toml unreadable: listed, not left out
+        if not s and not record and name not in data.present and not damaged:
             continue
         # a record of an earlier call may say finished for a run since resumed to more steps
-        status = "finished" if s else ("unfinished" if record.get("status") in (None, "finished")
-                                       else record["status"])
+        status = "finished" if s else "unreadable" if damaged else (
+            "unfinished" if record.get("status") in (None, "finished") else record["status"])
         rows.append({"run": name, "study": preset.study, "status": status, "steps": s.get("steps"),
                      "device": s.get("device", ""), "wall": s.get("wall_seconds"), "ms": s.get("ms_per_step"),
                      "note": "" if s else ":".join(data.why_missing(name).split(":")[:2])})
