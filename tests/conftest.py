@@ -16,7 +16,7 @@ import sys
 import tarfile
 import tempfile
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +208,18 @@ def save_lite0_file(model, path: Path) -> Path:
 
     torch.save({**model.state_dict(), "_fc.weight": torch.randn(1000, 1280), "_fc.bias": torch.zeros(1000)}, path)
     return path
+
+
+@contextmanager
+def run_locked_by_another_process(path):
+    """`path`'s run-folder lock (RunDir.hold_lock) held by another process for the block, as a
+    second training of the run would hold it."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

@@ -16,7 +16,7 @@ from cifarlab.config import Config, parse_settings
 from cifarlab.presets import load_preset
 from cifarlab.reproduce import parse_only, plan, reproduce, run_state, scaled_config
 from cifarlab.train import train
-from conftest import make_image_folders
+from conftest import make_image_folders, run_locked_by_another_process
 
 # Tiny runs: 6 ConvNet steps, 20 Siamese steps, small batches (30 images per class and split).
 QUICK = dict(steps_scale=0.0004, max_evals=2, device="cpu", tsne_points=120, progress=False,
@@ -790,9 +790,6 @@ def test_analysis_when_is_checked(tmp_path):
 def test_a_run_another_process_trains_is_neither_moved_aside_nor_recorded_as_failed(tmp_path):
     """Before its first checkpoint a run in training looks abandoned (config.toml, no last.pt):
     a second reproduce into the same folder must refuse, not move it aside and train anew."""
-    import subprocess
-    import sys
-
     out, data = tmp_path / "out", make_image_folders(tmp_path / "data", 2)
     run = plan(out, ["study1"], QUICK["steps_scale"], QUICK["max_evals"], str(data), "cpu", None, None,
                QUICK["overrides"])[0]
@@ -800,16 +797,9 @@ def test_a_run_another_process_trains_is_neither_moved_aside_nor_recorded_as_fai
 
     started = RunDir.create(str(run.path), "classifier")
     started.write_config(run.config)
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-                               str(run.path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with run_locked_by_another_process(run.path):
         with pytest.raises(CifarlabError, match="classifier-b128: another process is training this run right now"):
             reproduce(out, data=data, only="study1", **QUICK)
-    finally:
-        holder.kill()
-        holder.wait()
     assert sorted(p.name for p in out.iterdir()) == ["classifier-b128"] and not (out / "reproduce.json").exists()
 
 

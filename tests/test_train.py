@@ -13,6 +13,7 @@ from cifarlab.config import Config, load_config
 from cifarlab.engine import TrainingDiverged
 from cifarlab.studies import EpochShuffler
 from cifarlab.train import train
+from conftest import run_locked_by_another_process
 from synthetic import synthetic_cifar
 
 
@@ -727,16 +728,9 @@ def test_a_run_another_process_trains_is_refused_and_left_as_it_is(tmp_path):
     cfg = small_cfg(steps=10)
     run, _ = train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-                               str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with run_locked_by_another_process(tmp_path / "run"):
         with pytest.raises(CifarlabError, match="another process is training this run right now"):
             train(cfg, resume=tmp_path / "run", overrides={"steps": 20}, progress=False, data=data)
-    finally:
-        holder.kill()
-        holder.wait()
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
     resumed, summary = train(cfg, resume=tmp_path / "run", overrides={"steps": 20}, progress=False, data=data)
     assert summary["steps"] == 20

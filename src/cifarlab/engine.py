@@ -376,11 +376,16 @@ class _InterruptFlag:
     """
 
     def __init__(self, enabled: bool = True):
-        self.set = False
-        self.saving = False  # the save the first Ctrl-C asked for is being written: a second Ctrl-C waits for it
-        self.waited = False  # ... and a third does not (a save that hangs on a stalled disk)
+        self.presses = 0
+        # the save the first Ctrl-C asked for is being written: a second Ctrl-C waits for it, a
+        # third does not (a save that hangs on a stalled disk)
+        self.saving = False
         self.enabled = enabled
         self._previous = None
+
+    @property
+    def set(self) -> bool:
+        return self.presses > 0
 
     def __enter__(self):
         # A process started with Ctrl-C ignored (nohup, a job a script put in the background)
@@ -391,11 +396,9 @@ class _InterruptFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.set and (not self.saving or self.waited):
+        self.presses += 1
+        if self.presses >= (3 if self.saving else 2):
             raise KeyboardInterrupt
-        if self.set:  # the save is being written: this once, let it finish (a third Ctrl-C aborts it)
-            self.waited = True
-        self.set = True
 
     def __exit__(self, *exc):
         if self._previous is not None:

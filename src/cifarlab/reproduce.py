@@ -139,12 +139,20 @@ def run_state(run: PlannedRun) -> str:
     return "restart"
 
 
+def _refuse_if_being_trained(path: Path) -> None:
+    """A run another process trains now looks abandoned before its first checkpoint: never
+    move it aside or train it beside that process."""
+    from cifarlab.runs import being_trained
+
+    if being_trained(path):
+        raise CifarlabError(f"{path}: another process is training this run right now (a second reproduce into "
+                            f"{path.parent}?); let it finish, or stop it, then run this again")
+
+
 def _move_aside(path: Path) -> Path:
-    from cifarlab.runs import being_trained, stamped_path
+    from cifarlab.runs import stamped_path
 
-    if being_trained(path):  # it only looks abandoned (no checkpoint yet): another process trains it
-        raise CifarlabError(f"{path}: another process is training this run right now; let it finish, or stop it")
-
+    _refuse_if_being_trained(path)  # reproduce checked before any work too: this covers one started since
     target = stamped_path(path.parent, f"{path.name}.incomplete")
     path.rename(target)
     return target
@@ -710,13 +718,9 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     groups = parse_only(only)
     runs = plan(out, groups, steps_scale, max_evals, str(data or ""), device, transfer_backbone, backbone_weights,
                 overrides)
-    from cifarlab.runs import being_trained
-
     for run in runs:  # a run folder trained otherwise, or by another process now, is refused before any work
         run_state(run)
-        if being_trained(run.path):
-            raise CifarlabError(f"{run.path}: another process is training this run right now (a second "
-                                f"reproduce into {out}?); let it finish, or stop it, then run this again")
+        _refuse_if_being_trained(run.path)
     dataset = load_cifar10(data, download=True, progress=progress)  # once, here: builds the cache for all runs
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE

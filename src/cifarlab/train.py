@@ -40,10 +40,9 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
             # nothing to train, nothing to rewrite (under torchrun rank 0 alone reports, as fit does)
             return run, None if cfg.distributed and os.environ.get("RANK", "0") != "0" else summary
 
-    def train_in(group) -> tuple[RunDir, dict | None]:
-        """The run in this launch. A function so that its trainer, task and DDP wrappers are freed
-        when it returns, before the launch tears the process group down (see launch)."""
-        run = existing
+    def train_in(group, run: RunDir | None) -> tuple[RunDir, dict | None]:
+        """The run (None: a new one) in this launch. A function so that its trainer, task and DDP
+        wrappers are freed when it returns, before the launch tears the process group down (see launch)."""
         if resume is None:  # rank 0 names it (a time stamp) and checks it is free
             run = group.on_main(lambda: RunDir.create(out, name or cfg.study))
         show = progress and group.is_main
@@ -82,9 +81,8 @@ def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
                                       "and saved everything first")
         return run, summary
 
-    existing = run if resume is not None else None
     with launch(cfg) as group:
-        return train_in(group)
+        return train_in(group, run if resume is not None else None)
 
 
 def recorded_paths(cfg: Config) -> Config:
