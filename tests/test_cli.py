@@ -398,3 +398,22 @@ def test_plot_says_when_its_runs_are_of_different_studies(trained, tmp_path):
     res = run_cli("plot", run, siamese, "--out", tmp_path / "mixed.png")
     assert res.returncode == 0 and (tmp_path / "mixed.png").is_file()
     assert "note: these runs are of different studies (classifier, siamese)" in res.stderr
+
+
+def test_eval_and_features_score_a_checkpoint_on_fewer_images_than_a_training_batch(tmp_path):
+    """Only training needs a batch's worth of images: a run of batch 32 is scored on 20 images."""
+    run = tmp_path / "run"
+    res = run_cli("train", "classifier", "--data", make_image_folders(tmp_path / "data", 4), "--steps", 1,
+                  "--batch-size", 32, "--eval-every", 1, "--checkpoint-every", 1, "--out", run, "--device", "cpu",
+                  "--quiet")
+    assert res.returncode == 0, res.stderr
+    few = make_image_folders(tmp_path / "few", 2)
+    scored = run_cli("eval", run, "--data", few, "--device", "cpu")
+    assert scored.returncode == 0, scored.stderr
+    assert "step 1 test: loss" in scored.stdout
+    extracted = run_cli("features", run, "--data", few, "--split", "train", "--device", "cpu", "--quiet")
+    assert extracted.returncode == 0, extracted.stderr
+    assert (run / "features" / "train-step-1.npz").is_file()
+    training = run_cli("train", "classifier", "--data", few, "--steps", 1, "--batch-size", 32,
+                       "--out", tmp_path / "again", "--device", "cpu", "--quiet")
+    assert training.returncode != 0 and "batch size 32 is larger than the training set (20 images)" in training.stderr

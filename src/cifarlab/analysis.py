@@ -194,7 +194,8 @@ def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str
     autocast = make_autocast(cfg.precision, dev)
     if data is None:
         data = load_cifar10(cfg.data or None, progress=progress)
-    task = build_task(cfg, dev, autocast, data=data, progress=progress, for_checkpoint=True)
+    task = build_task(cfg, dev, autocast, data=data, progress=progress, for_checkpoint=True,
+                      training=False)
     model = task.model
     names = select_layers(layers, model.layer_names)
     names = [n for n in model.layer_names if n in set(names) | set(keep)]

@@ -248,7 +248,7 @@ def eval_run(
         cfg = cfg.replace(data=str(data))
     dev = resolve_device(device or cfg.device)
     autocast = make_autocast(cfg.precision, dev)
-    task = build_task(cfg, dev, autocast, for_checkpoint=True)
+    task = build_task(cfg, dev, autocast, for_checkpoint=True, training=False)
     step = rundir.load_weights(task.model, checkpoint)
     task.model.eval()
     trained_on = rundir.trained_data_digest() if data is not None else None

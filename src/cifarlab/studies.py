@@ -112,13 +112,13 @@ def evaluate_classifier(logits_of, n: int, device: torch.device, autocast) -> tu
 class ClassifierTask:
     """Study 1: the ConvNet trained with softmax cross-entropy (+ the seed's L2 term)."""
 
-    def __init__(self, cfg: Config, data: Cifar10, device: torch.device, autocast):
+    def __init__(self, cfg: Config, data: Cifar10, device: torch.device, autocast, training: bool = True):
         self.cfg, self.autocast = cfg, autocast
         fmt = pick_memory_format(device, cfg.memory_format)
         self.splits = device_splits(cfg, data, device, fmt)
         self.model = convnet(len(data.classes), cfg.dropout, cfg.init).to(device, memory_format=fmt)
         self.decayed = decayed_weights(self.model)
-        self.shuffle = EpochShuffler(len(self.splits["train"]), cfg.batch_size, cfg.seed, device)
+        self.shuffle = EpochShuffler(len(self.splits["train"]), cfg.batch_size, cfg.seed, device) if training else None
 
     def _logits(self, split: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.splits[split].batch(index)
@@ -161,7 +161,7 @@ class SiameseTask:
     "same class iff d < threshold" (see losses.same_class_threshold).
     """
 
-    def __init__(self, cfg: Config, data: Cifar10, device: torch.device, autocast):
+    def __init__(self, cfg: Config, data: Cifar10, device: torch.device, autocast, training: bool = True):
         if cfg.val_fraction <= 0:
             raise CifarlabError("the Siamese study needs --val-fraction > 0 (the report holds out 20%)")
         self.cfg, self.autocast = cfg, autocast
@@ -169,9 +169,9 @@ class SiameseTask:
         self.splits = device_splits(cfg, data, device, fmt)
         self.model = siamese_branch(cfg.dropout, cfg.init).to(device, memory_format=fmt)
         self.pool = ClassIndex(self.splits["train"].y, len(data.classes), "the training pool")
-        if cfg.sampler == "anchor":
+        if training and cfg.sampler == "anchor":
             self.pool.require_partners(same_class_pairs(cfg.fraction_same, cfg.batch_size))
-        if cfg.sampler == "random" and cfg.batch_size > len(self.splits["train"]):
+        if training and cfg.sampler == "random" and cfg.batch_size > len(self.splits["train"]):
             raise CifarlabError(f"the training pool ({len(self.splits['train'])} images) is smaller than a batch of "
                                 f"{cfg.batch_size} distinct anchors; use a smaller batch size, or more data")
         self.eval_tuples = {
@@ -278,7 +278,7 @@ class TransferTask(ClassifierTask):
     """
 
     def __init__(self, cfg: Config, data: Cifar10, device: torch.device, autocast, progress: bool = True,
-                 load_weights: bool = True):
+                 load_weights: bool = True, training: bool = True):
         """`load_weights` False: the backbone starts random, for a checkpoint to replace (see build_task)."""
         self.cfg, self.autocast = cfg, autocast
         fmt = pick_memory_format(device, cfg.memory_format)
@@ -296,7 +296,7 @@ class TransferTask(ClassifierTask):
         if load_weights and cfg.backbone_weights == "none":
             estimate_batch_norm_statistics(backbone, self.splits["train"], cfg.seed)
         self.decayed = decayed_weights(self.model)
-        self.shuffle = EpochShuffler(len(self.splits["train"]), cfg.batch_size, cfg.seed, device)
+        self.shuffle = EpochShuffler(len(self.splits["train"]), cfg.batch_size, cfg.seed, device) if training else None
         self.refining = cfg.refine_after == 0
         backbone.requires_grad_(self.refining)
         self.cached: dict[str, torch.Tensor] = {}
@@ -373,21 +373,24 @@ class TransferTask(ClassifierTask):
 
 
 def build_task(cfg: Config, device: torch.device, autocast, data: Cifar10 | None = None, progress: bool = True,
-               for_checkpoint: bool = False):
+               for_checkpoint: bool = False, training: bool = True):
     """The task for cfg.study, loading CIFAR-10 from cfg.data unless `data` is given.
 
     `for_checkpoint`: a checkpoint will replace every weight (eval, features), so a transfer
     run's backbone is built without its pretrained file, which may have moved or be a download
-    away; the checkpoint holds the backbone, its input normalisation included."""
+    away; the checkpoint holds the backbone, its input normalisation included. `training` False
+    (eval, features): what only training needs, such as a batch that fits the training set, is
+    not checked, so a checkpoint can be scored on a few images."""
     if data is None:
         data = load_cifar10(cfg.data or None, progress=progress)
     torch.manual_seed(cfg.seed)  # model init depends on the seed alone
     if cfg.study == "classifier":
-        task = ClassifierTask(cfg, data, device, autocast)
+        task = ClassifierTask(cfg, data, device, autocast, training=training)
     elif cfg.study == "siamese":
-        task = SiameseTask(cfg, data, device, autocast)
+        task = SiameseTask(cfg, data, device, autocast, training=training)
     elif cfg.study == "transfer":
-        task = TransferTask(cfg, data, device, autocast, progress=progress, load_weights=not for_checkpoint)
+        task = TransferTask(cfg, data, device, autocast, progress=progress, load_weights=not for_checkpoint,
+                            training=training)
     else:
         raise CifarlabError(f"unknown study {cfg.study!r}")
     task.data_digest = data_digest(data)  # saved in last.pt: a resume must train on the same images
