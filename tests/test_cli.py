@@ -180,6 +180,11 @@ def test_siamese_trains_from_the_command_line(tmp_path):
     assert "test pair accuracy" in res.stdout
     again = run_cli("train", "siamese", "--resume", run, "--quiet")
     assert again.returncode == 0 and "already finished (nothing to train) s: 2 steps" in again.stdout
+    # its features need no pairs: one image per class is enough (eval's fixed tuples need more)
+    few = make_image_folders(tmp_path / "few", 1)
+    extracted = run_cli("features", run, "--data", few, "--split", "train", "--device", "cpu", "--quiet")
+    assert extracted.returncode == 0, extracted.stderr
+    assert (run / "features" / "train-step-2.npz").is_file()
 
 
 def test_reproduce_and_report_give_one_line_errors(tmp_path):

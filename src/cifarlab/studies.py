@@ -168,19 +168,30 @@ class SiameseTask:
         fmt = pick_memory_format(device, cfg.memory_format)
         self.splits = device_splits(cfg, data, device, fmt)
         self.model = siamese_branch(cfg.dropout, cfg.init).to(device, memory_format=fmt)
-        self.pool = ClassIndex(self.splits["train"].y, len(data.classes), "the training pool")
-        if training and cfg.sampler == "anchor":
-            self.pool.require_partners(same_class_pairs(cfg.fraction_same, cfg.batch_size))
-        if training and cfg.sampler == "random" and cfg.batch_size > len(self.splits["train"]):
-            raise CifarlabError(f"the training pool ({len(self.splits['train'])} images) is smaller than a batch of "
-                                f"{cfg.batch_size} distinct anchors; use a smaller batch size, or more data")
-        self.eval_tuples = {
-            split: fixed_tuples(ClassIndex(self.splits[split].y, len(data.classes), f"the {split} split"), cfg.val_tuples,
-                                cfg.batch_size, cfg.fraction_same, seed=cfg.seed + offset)
-            for offset, split in enumerate(("val", "test"))
-        }
+        self.n_classes = len(data.classes)
+        if training:  # what only training needs: eval and features score a checkpoint on any few images
+            self.pool = ClassIndex(self.splits["train"].y, self.n_classes, "the training pool")
+            if cfg.sampler == "anchor":
+                self.pool.require_partners(same_class_pairs(cfg.fraction_same, cfg.batch_size))
+            if cfg.sampler == "random" and cfg.batch_size > len(self.splits["train"]):
+                raise CifarlabError(f"the training pool ({len(self.splits['train'])} images) is smaller than a batch "
+                                    f"of {cfg.batch_size} distinct anchors; use a smaller batch size, or more data")
+            self.eval_tuples  # drawn now, so that a split too small for them stops the run before it trains
         self.threshold = same_class_threshold(cfg.margin, cfg.loss)
         self.gen = torch.Generator(device=device)
+
+    @functools.cached_property
+    def eval_tuples(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The fixed val and test tuples, drawn on the CPU and moved to the device: a CUDA generator
+        gives another stream for the same seed, and a run's curves and `eval` must score the same
+        tuples on every device (after a resume on another device too)."""
+        tuples = {}
+        for offset, split in enumerate(("val", "test")):
+            labels = self.splits[split].y
+            drawn = fixed_tuples(ClassIndex(labels.cpu(), self.n_classes, f"the {split} split"), self.cfg.val_tuples,
+                                 self.cfg.batch_size, self.cfg.fraction_same, seed=self.cfg.seed + offset)
+            tuples[split] = tuple(t.to(labels.device) for t in drawn)
+        return tuples
 
     def train_inputs(self, step: int) -> tuple[torch.Tensor, ...]:
         self.gen.manual_seed(self.cfg.seed * 1_000_003 + step)  # pairs are a pure function of the step
