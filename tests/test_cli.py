@@ -422,3 +422,11 @@ def test_eval_and_features_score_a_checkpoint_on_fewer_images_than_a_training_ba
     training = run_cli("train", "classifier", "--data", few, "--steps", 1, "--batch-size", 32,
                        "--out", tmp_path / "again", "--device", "cpu", "--quiet")
     assert training.returncode != 0 and "batch size 32 is larger than the training set (20 images)" in training.stderr
+
+
+def test_a_missing_run_path_is_named_missing_not_only_not_a_run(tmp_path):
+    missing = run_cli("eval", tmp_path / "nope")
+    assert missing.returncode != 0 and f"{tmp_path / 'nope'}: no such run directory; check the path" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = run_cli("eval", tmp_path / "empty")
+    assert empty.returncode != 0 and "not a cifarlab run (no config.toml)" in empty.stderr

@@ -43,7 +43,7 @@ def _shared_train_flags(
     batch_size: Annotated[Optional[int], typer.Option(help="Images (or pairs) per step. [default: 128]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate. [default: 1e-4]")] = None,
     eval_every: Annotated[Optional[int], typer.Option(
-        help="Evaluate (full test set) and log the running train mean every N steps. [default: 1000]")] = None,
+        help="Evaluate (classifier, transfer: the full test set; Siamese: the --val-tuples batches of val and test) and log the running train mean every N steps. [default: 1000]")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(
         help="Save weights + resume state every N steps (and at the end). [default: 5000]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of init, shuffling, pairs and dropout. [default: 42]")] = None,
@@ -73,7 +73,7 @@ def _shared_train_flags(
         help="Start from a named preset (`cifarlab presets`); flags given here override it.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run directory. [default: runs/<study>-<time>]")] = None,
     resume: Annotated[Optional[Path], typer.Option(
-        help="Continue this run from its checkpoints/last.pt (its config.toml is used; flags given here override it).")] = None,
+        help="Continue this run from its checkpoints/last.pt with its own settings (config.toml); only how long, where and how it runs may change here (--steps, --device, --data of the same images, ...).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """The flags every study's train command takes (see study_command)."""

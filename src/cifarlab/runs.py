@@ -209,6 +209,8 @@ class RunDir:
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
         run = cls(Path(path))
+        if not run.path.exists():
+            raise CifarlabError(f"{run.path}: no such run directory; check the path")
         if not (run.path / "config.toml").is_file():
             raise CifarlabError(f"{run.path}: not a cifarlab run (no config.toml); check the path")
         run.metrics = run.read_metrics()
