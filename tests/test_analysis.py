@@ -219,7 +219,7 @@ def test_missing_checkpoint_split_and_bad_choices_are_clear(run_copy, tmp_path):
     path, data = run_copy
     empty = RunDir.create(str(tmp_path / "empty"), "classifier")
     empty.write_config(Config(device="cpu"))
-    with pytest.raises(CifarlabError, match="no checkpoint yet.*train first"):
+    with pytest.raises(CifarlabError, match="no checkpoint yet.*stopped before its first.*--resume"):
         A.run_tsne(empty.path, "fc2", data=data, progress=False)
     with pytest.raises(CifarlabError, match="no checkpoint at step 7; available: 2, 4"):
         A.extract_features(path, checkpoint=7, data=data, progress=False)
@@ -237,6 +237,12 @@ def test_default_layers_follow_the_network_not_the_convnet():
     assert A.select_layers("last", names) == ["embedding"]
     assert A.select_layers("embedding,stem", names) == ["stem", "embedding"]
     assert A.select_layers("all", ("flatten", "fc1", "fc2", "logits")) == ["flatten", "fc1", "fc2"]
+    # a layer name or keyword in another case is the run's own name: files are named by it
+    assert A.select_layers("ALL", ("flatten", "fc1", "fc2", "logits")) == ["flatten", "fc1", "fc2"]
+    assert A.select_layers(" Last ", names) == ["embedding"]
+    assert A.select_layers("FC2,Flatten", ("flatten", "fc1", "fc2")) == ["flatten", "fc2"]
+    with pytest.raises(CifarlabError, match=r"unknown layer fc9; this run has: stem, pool5, embedding \(or all, last\)"):
+        A.select_layers("fc9", names)
 
 
 def test_cli_features_ovr_and_tsne(run_copy):

@@ -87,9 +87,11 @@ def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
     assert res.returncode == 0, res.stderr
     header, first, second = res.stdout.splitlines()[:1] + res.stdout.splitlines()[2:4]
     assert "test acc" in header and "dropout" in header and "batch_size" not in header
+    assert "baseline" not in res.stdout  # chance is plain for a classifier; the CSV has it
     assert first.split()[0] == run.name and first.split()[-1] == "0.0" and second.split()[-1] == "0.5"
     rows = (tmp_path / "cmp.csv").read_text().splitlines()
     assert rows[0].startswith("run,study,step,steps,finished,test_accuracy") and len(rows) == 3
+    assert ",baseline_accuracy," in rows[0] and ",0.1," in rows[1]
     config = (other / "config.toml").read_bytes()
     one_error_line(run_cli("compare", run, other, "--csv", other / "config.toml"), "give a file name ending in .csv")
     assert (other / "config.toml").read_bytes() == config  # a slip of the finger overwrites nothing
@@ -168,6 +170,19 @@ def test_presets_are_listed_and_flags_override_them(trained, tmp_path):
     assert unknown.returncode == 2 and "unknown preset 'nope'" in unknown.stderr
 
 
+@pytest.mark.parametrize("spelling", [["--preset", "classifier-b64-wd0.01"], ["--preset=classifier-b64-wd0.01"]])
+def test_a_preset_takes_its_studys_flags_without_the_study_named(trained, tmp_path, spelling):
+    """`cifarlab train --preset NAME --steps N`: the preset says its study."""
+    run = tmp_path / "p"
+    res = run_cli("train", *spelling, "--batch-size", 8, "--steps", 2, "--eval-every", 2, "--data", trained[0],
+                  "--out", run, "--quiet", "--no-tensorboard")
+    assert res.returncode == 0, res.stderr
+    config = (run / "config.toml").read_text()
+    assert "weight_decay = 0.01" in config and "steps = 2\n" in config and 'study = "classifier"' in config
+    unknown = run_cli("train", "--preset=nope", "--steps", 2)
+    assert unknown.returncode == 2 and "unknown preset 'nope'" in unknown.stderr
+
+
 def test_siamese_trains_from_the_command_line(tmp_path):
     data = make_image_folders(tmp_path / "data", 10)
     run = tmp_path / "s"
@@ -177,7 +192,10 @@ def test_siamese_trains_from_the_command_line(tmp_path):
     config = (run / "config.toml").read_text()
     assert 'study = "siamese"' in config and 'sampler = "random"' in config and 'loss = "report2"' in config
     assert [line.split(",")[1] for line in (run / "metrics.csv").read_text().splitlines()[1:]] == ["train", "val", "test"]
-    assert "test pair accuracy" in res.stdout
+    assert "test pair accuracy" in res.stdout and "; always 'different' scores 0.90)" in res.stdout  # 1 of 10 pairs same
+    table = run_cli("compare", run).stdout.splitlines()
+    assert table[0].split("┃")[3].strip() == "baseline" and table[2].split("│")[3].strip() == "0.90"
+    assert table[-1].startswith("baseline: the accuracy of a rule that ignores the images")
     again = run_cli("train", "siamese", "--resume", run, "--quiet")
     assert again.returncode == 0 and "already finished (nothing to train) s: 2 steps" in again.stdout
     # its features need no pairs: one image per class is enough (eval's fixed tuples need more)
@@ -291,6 +309,9 @@ def test_a_run_stopped_before_it_saved_anything_resumes_from_the_start(trained, 
     run.write_config(Config(steps=4, batch_size=8, eval_every=2, checkpoint_every=2, device="cpu"))
     created = (run.path / "config.toml").read_text().split("created = ")[1].splitlines()[0]
     monkeypatch.setenv("CIFARLAB_DATA", str(data))
+    early = run_cli("eval", run.path)  # nothing to score yet, and the error says how to go on
+    one_error_line(early, "no checkpoint yet", "stopped before its first (due at step 2)",
+                   f"`cifarlab train classifier --resume {run.path}` trains it")
     res = run_cli("train", "classifier", "--resume", run.path, "--quiet")
     assert res.returncode == 0, res.stderr
     assert json.loads((run.path / "summary.json").read_text())["steps"] == 4
@@ -349,7 +370,10 @@ def test_output_paths_that_cannot_be_written_give_one_line(trained, tmp_path):
     one_error_line(run_cli("plot", run, "--out", tmp_path / "curves.txt"), "not an image file name", ".png")
     one_error_line(run_cli("plot", run, "--out", folder), "not an image file name")
     one_error_line(run_cli("compare", run, "--csv", folder), "give a file name ending in .csv")
-    one_error_line(run_cli("compare", run, "--csv", csv_folder), "table.csv", "Is a directory")
+    one_error_line(run_cli("compare", run, "--csv", csv_folder), "--csv", "table.csv", "it is a folder")
+    one_error_line(run_cli("plot", run, "--out", tmp_path / "a-file" / "c.png"),
+                   f"--out {tmp_path / 'a-file' / 'c.png'}: cannot write it: {tmp_path / 'a-file'} is a file, not a folder")
+    one_error_line(run_cli("compare", run, "--csv", tmp_path / "a-file" / "t.csv"), "a-file is a file, not a folder")
     assert (tmp_path / "a-file").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder", "table.csv"]
     assert not any(folder.iterdir()) and not any(csv_folder.iterdir())
@@ -364,7 +388,7 @@ def test_ctrl_c_exits_130_with_one_line_saying_how_to_go_on(trained, tmp_path, m
     res = run_cli("train", "classifier", "--data", trained[0], "--steps", 20, "--batch-size", 8, "--device", "cpu",
                   "--out", tmp_path / "run", "--quiet")
     assert res.returncode == 130  # an interrupt, not a failure, for scripts that run cifarlab
-    assert res.stderr.strip().startswith("error: interrupted at step 5; progress saved. Continue with: cifarlab train "
+    assert res.stderr.strip().startswith("interrupted at step 5; progress saved. Continue with: cifarlab train "
                                          "classifier --resume") and len(res.stderr.strip().splitlines()) == 1
 
 
@@ -393,16 +417,24 @@ def test_a_transfer_run_that_would_never_reach_its_refine_step_says_so(tmp_path)
     assert "note: refine_after 1000 is not below steps 1: this run trains the head on frozen features only" in res.stderr
 
 
-def test_plot_says_when_its_runs_are_of_different_studies(trained, tmp_path):
+def test_plot_says_when_its_runs_are_of_different_studies(trained, tmp_path, monkeypatch):
     _, run, _ = trained
     data = make_image_folders(tmp_path / "data", 10)
     siamese = tmp_path / "s"
     res = run_cli("train", "siamese", "--data", data, "--steps", 2, "--batch-size", 10, "--fraction-same", 0.1,
                   "--val-tuples", 2, "--eval-every", 2, "--out", siamese, "--quiet", "--no-tensorboard")
     assert res.returncode == 0, res.stderr
+    import cifarlab.plots
+
+    notes = []
+    draw = cifarlab.plots.plot_curves
+    monkeypatch.setattr(cifarlab.plots, "plot_curves", lambda *a, note=None, **k: notes.append(note) or draw(*a, note=note, **k))
     res = run_cli("plot", run, siamese, "--out", tmp_path / "mixed.png")
     assert res.returncode == 0 and (tmp_path / "mixed.png").is_file()
     assert "note: these runs are of different studies (classifier, siamese)" in res.stderr
+    assert notes[0].startswith("these runs are of different studies")  # in the figure too, for whoever sees only it
+    res = run_cli("plot", run, "--out", tmp_path / "one.png")
+    assert res.returncode == 0 and notes[1] is None
 
 
 def test_eval_and_features_score_a_checkpoint_on_fewer_images_than_a_training_batch(tmp_path):

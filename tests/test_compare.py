@@ -87,3 +87,27 @@ def test_a_damaged_run_in_a_folder_is_left_out_with_a_warning_but_stops_when_nam
     (runs / "study" / "ok" / "config.toml").write_text("study = 3\n")
     with pytest.raises(CifarlabError, match="no readable run in"):
         compare_runs([runs / "study"])
+
+
+def test_each_row_says_what_a_rule_blind_to_the_images_scores(runs, tmp_path):
+    """0.8 pair accuracy is what answering 'different' always gives at 20% same-class pairs."""
+    fake_run(tmp_path / "even", Config.for_study("siamese", steps=50, fraction_same=0.5, batch_size=10),
+             [(50, 0.3, 0.7)], True)
+    fake_run(tmp_path / "mostly-same", Config.for_study("siamese", steps=50, fraction_same=0.7, batch_size=10),
+             [(50, 0.3, 0.7)], True)
+    rows = compare_runs([runs / "study", runs / "pairs", tmp_path / "even", tmp_path / "mostly-same"])[1]
+    assert [row["baseline_accuracy"] for row in rows] == [0.1, 0.1, 103 / 128, 0.5, 0.7]
+    from cifarlab.config import baseline_accuracy
+
+    assert baseline_accuracy("siamese", 0.2, 128) == (103 / 128, "always 'different'")  # 25 of 128 are the same
+    assert baseline_accuracy("siamese", 0.7, 10) == (0.7, "always 'same'")
+    assert baseline_accuracy("transfer", 0.2, 128) == (0.1, "chance")
+
+
+def test_a_damaged_summary_is_shown_unfinished_with_a_warning_that_says_how_to_mend_it(runs, capsys):
+    (runs / "study" / "plain" / "summary.json").write_text('{"steps": 3')
+    rows = compare_runs([runs / "study"])[1]
+    assert [row["finished"] for row in rows] == [False, False]
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err.startswith(f"warning: {runs / 'study' / 'plain' / 'summary.json'} is unreadable")
+    assert err.endswith(f"`cifarlab train classifier --resume {runs / 'study' / 'plain'}` writes it anew")

@@ -78,38 +78,30 @@ def analysable_layers(layer_names: Sequence[str]) -> tuple[str, ...]:
 
 def select_layers(spec: str | Sequence[str] | None, layer_names: Sequence[str], default: str = "all") -> list[str]:
     """Layer names, in network order, from a spec: None (-> `default`), "all" (the analysable
-    layers), "last" (the deepest analysable one), a comma-separated string or a list of names.
-    Unknown names raise an error that lists the layers the run has."""
+    layers), "last" (the deepest analysable one), a comma-separated string or a list of names,
+    in any case (`--layer FC2` is fc2). Unknown names raise an error that lists the layers the
+    run has."""
     if spec is None:
         spec = default
     if isinstance(spec, str):
         spec = spec.strip()
-        if spec in ("all", "last"):
+        if spec.lower() in ("all", "last"):
             usable = analysable_layers(layer_names)
-            return list(usable if spec == "all" else usable[-1:])
+            return list(usable if spec.lower() == "all" else usable[-1:])
         spec = [name.strip() for name in spec.split(",") if name.strip()]
+    choices = f"this run has: {', '.join(layer_names)} (or all, last)"
     if not spec:
-        raise CifarlabError(f"no layer given; this run has: {', '.join(layer_names)}")
-    unknown = [name for name in spec if name not in layer_names]
+        raise CifarlabError(f"no layer given; {choices}")
+    canonical = {name.lower(): name for name in layer_names}
+    unknown = [name for name in spec if name.lower() not in canonical]
     if unknown:
-        raise CifarlabError(f"unknown layer {', '.join(unknown)}; this run has: {', '.join(layer_names)}")
-    return [name for name in layer_names if name in set(spec)]
+        raise CifarlabError(f"unknown layer {', '.join(unknown)}; {choices}")
+    wanted = {canonical[name.lower()] for name in spec}
+    return [name for name in layer_names if name in wanted]
 
 
 def _open(run: RunDir | str | os.PathLike) -> RunDir:
     return run if isinstance(run, RunDir) else RunDir.open(run)
-
-
-def checkpoint_step(run: RunDir, checkpoint: int | None = None) -> int:
-    """The checkpoint step to analyse (the latest by default); checked before any data is loaded."""
-    steps = run.weight_steps()
-    if not steps:
-        raise CifarlabError(f"{run.path}: no checkpoint yet (checkpoints/step-N.safetensors); train first")
-    if checkpoint is None:
-        return steps[-1]
-    if checkpoint not in steps:
-        raise CifarlabError(f"{run.path}: no checkpoint at step {checkpoint}; available: {', '.join(map(str, steps))}")
-    return checkpoint
 
 
 def features_path(run: RunDir, split: str, step: int) -> Path:
@@ -185,7 +177,7 @@ def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str
 
     run = _open(run)
     _check_choice("split", split, SPLITS)
-    step = checkpoint_step(run, checkpoint)
+    step = run.checkpoint_step(checkpoint)
     cfg = run.config()
     source = data_key(cfg, data)
     if isinstance(data, (str, os.PathLike)):
@@ -276,7 +268,7 @@ def load_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str] |
     are kept when it is extended. `default` is the spec used when `layers` is None."""
     run = _open(run)
     _check_choice("split", split, SPLITS)
-    step = checkpoint_step(run, checkpoint)
+    step = run.checkpoint_step(checkpoint)
     path = features_path(run, split, step)
     meta = _fresh_meta(run, path, step, data_key(run.config(), data))
     if meta is not None:

@@ -142,11 +142,12 @@ def _train(study: str | None, flags: dict, preset: str | None, out: str | None, 
 @train_app.callback(invoke_without_command=True)
 def train_group(
     ctx: typer.Context,
-    preset: Annotated[Optional[str], typer.Option(help="Train this preset as it is (`cifarlab presets`).")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        help="Train this preset (`cifarlab presets`); the flags of its study's command may follow, e.g. --steps.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run directory. [default: runs/<preset>-<time>]")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Train one run of a study: `cifarlab train classifier|siamese|transfer [flags]` or `cifarlab train --preset NAME`."""
+    """Train one run of a study: `cifarlab train classifier|siamese|transfer [flags]` or `cifarlab train --preset NAME [flags]`."""
     if ctx.invoked_subcommand is not None:
         given = [f"--preset {preset}"] * bool(preset) + [f"--out {out}"] * bool(out) + ["--quiet"] * quiet
         if given:  # the study's command has these options too, and only it uses them
@@ -219,9 +220,14 @@ def _print_run_result(run, summary: dict, trained: bool = True) -> None:
     line = f"{'finished' if trained else 'already finished (nothing to train)'} {run.name}: {summary['steps']} steps"
     if summary["final_test_accuracy"] is not None:
         # a Siamese run's accuracy is that of the rule "same class iff the distance is small", on pairs
-        what = "test pair accuracy" if run.config().study == "siamese" else "test accuracy"
-        line += (f", {what} {summary['final_test_accuracy']:.4f} "
-                 f"(best {summary['best_test_accuracy']:.4f} at step {summary['best_test_step']})")
+        from cifarlab.config import baseline_accuracy
+
+        cfg = run.config()
+        what = "test pair accuracy" if cfg.study == "siamese" else "test accuracy"
+        # most Siamese pairs are of different classes: say what answering that always scores
+        baseline, rule = baseline_accuracy(cfg.study, cfg.fraction_same, cfg.batch_size)
+        line += (f", {what} {summary['final_test_accuracy']:.4f} (best {summary['best_test_accuracy']:.4f} at step "
+                 f"{summary['best_test_step']}" + (f"; {rule} scores {baseline:.2f})" if cfg.study == "siamese" else ")"))
     print(f"{line}, {summary['ms_per_step']:.2f} ms/step on {summary['device']}")
     print(f"  run directory  {run.path}")
     for what, rel in (("metrics", "metrics.csv"), ("summary", "summary.json"), ("curves", "plots/curves.png"),
@@ -267,6 +273,7 @@ def plot(
     title: Annotated[Optional[str], typer.Option(help="Figure title.")] = None,
 ) -> None:
     """Overlay the accuracy and loss curves of several runs (the report's Figures 3-6)."""
+    from cifarlab.fileio import writing_user_path
     from cifarlab.plots import image_formats, plot_curves
     from cifarlab.runs import RunDir
 
@@ -287,10 +294,13 @@ def plot(
             raise CifarlabError(f"{path}: no metrics.csv rows yet; train it first")
         series.append((name, rundir.metrics))
         studies.add(rundir.config().study)
+    note = None
     if len(studies) > 1:  # a classifier's cross-entropy and a contrastive loss share no scale
-        print(f"note: these runs are of different studies ({', '.join(sorted(studies))}): their losses and "
-              "accuracies measure different things", file=sys.stderr)
-    print(plot_curves(series, out, title=title))
+        note = (f"these runs are of different studies ({', '.join(sorted(studies))}): their losses and "
+                "accuracies measure different things")
+        print(f"note: {note}", file=sys.stderr)
+    with writing_user_path("--out", out):
+        print(plot_curves(series, out, title=title, note=note))
 
 
 @app.command()
@@ -306,7 +316,7 @@ def compare(
     from rich.console import Console
     from rich.table import Table
 
-    from cifarlab.fileio import write_text
+    from cifarlab.fileio import write_text, writing_user_path
     from cifarlab.runs import compare_runs
 
     if csv_out is not None and csv_out.suffix.lower() != ".csv":  # not onto a run's config.toml, say
@@ -315,8 +325,10 @@ def compare(
         raise CifarlabError(f"--csv {csv_out}: is inside a run folder; write the table elsewhere")
     differing, rows = compare_runs(runs)
     shown = [key for key in differing if key != "steps"]  # the step column says it
+    # a Siamese pair accuracy is read against answering "different" always (0.80 at 20% same)
+    with_baseline = any(row["study"] == "siamese" for row in rows)
     table = Table(show_edge=False, header_style="bold")
-    for column in ("run", "step", "test acc", "best (step)", "test loss", "ms/step", *shown):
+    for column in ("run", "step", "test acc", *["baseline"] * with_baseline, "best (step)", "test loss", "ms/step", *shown):
         table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
 
     def num(value, fmt: str) -> str:
@@ -328,16 +340,20 @@ def compare(
     for name, row in zip(names, rows):
         step = f"{row['step']}/{row['steps']}" + ("" if row["finished"] else " (unfinished)")
         best = "-" if row["best_test_accuracy"] is None else f"{row['best_test_accuracy']:.4f} ({row['best_test_step']})"
-        table.add_row(name, step, num(row["test_accuracy"], ".4f"), best,
+        table.add_row(name, step, num(row["test_accuracy"], ".4f"), *[f"{row['baseline_accuracy']:.2f}"] * with_baseline, best,
                       num(row["test_loss"], ".4f"), num(row["ms_per_step"], ".2f"),
                       *("·" if row[key] is None else str(row[key]) for key in shown))
     Console(width=None if sys.stdout.isatty() else 1000).print(table)  # piped: never cut a column
+    if with_baseline:
+        print("baseline: the accuracy of a rule that ignores the images (chance for a classifier; for a Siamese "
+              "run, always giving the majority answer on its evaluation pairs: 'different' at the report's 20% same-class)")
     if csv_out is not None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        write_text(csv_out, buf.getvalue())
+        with writing_user_path("--csv", csv_out):
+            write_text(csv_out, buf.getvalue())
         print(f"wrote {csv_out}")
 
 
@@ -495,21 +511,40 @@ def _from_ctrl_c(err: BaseException) -> bool:
     return False
 
 
+def _with_the_presets_study(args: list[str]) -> list[str]:
+    """`train --preset NAME [flags]` as `train STUDY --preset NAME [flags]`: the preset says its
+    study, and click takes flags before a study's name for the train group's own (refusing a
+    --steps there as no such option)."""
+    from cifarlab.config import STUDIES
+
+    if args[:1] != ["train"] or "--help" in args or any(arg in STUDIES for arg in args):
+        return args
+    for i, arg in enumerate(args):
+        name = arg.partition("=")[2] if arg.startswith("--preset=") else \
+            args[i + 1] if arg == "--preset" and i + 1 < len(args) else None
+        if name is not None:
+            from cifarlab.presets import load_preset
+
+            return ["train", load_preset(name).study, *args[1:]]
+    return args
+
+
 def main() -> None:
     try:
-        app()
+        app(args=_with_the_presets_study(sys.argv[1:]))
     except CifarlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        # Ctrl-C with the progress saved: 130, as for any interrupted command (the engine, and so
-        # torch, is imported only when something trained)
+        # Ctrl-C with the progress saved: 130, as for any interrupted command, and not an error:
+        # its message says what was saved and how to go on (the engine, and so torch, is imported
+        # only when something trained)
         interrupted = "cifarlab.engine" in sys.modules and isinstance(err, sys.modules["cifarlab.engine"].TrainingInterrupted)
+        print(err if interrupted else f"error: {err}", file=sys.stderr)
         sys.exit(130 if interrupted else 2)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
     except SystemExit as exit_:  # recent typer turns Ctrl-C into a silent exit 130
         if exit_.code == 130 and _from_ctrl_c(exit_):
-            print("error: interrupted", file=sys.stderr)
+            print("interrupted", file=sys.stderr)
         raise
     except OSError as err:  # a path the user gave that cannot be written or read (a file for a folder, ...)
         where = f"{err.filename}: " if err.filename else ""

@@ -40,6 +40,18 @@ def same_class_pairs(fraction_same: float, batch_size: int) -> int:
     return math.floor(fraction_same * batch_size + 1e-9)
 
 
+def baseline_accuracy(study: str, fraction_same: float, batch_size: int) -> tuple[float, str]:
+    """The test accuracy of a rule that never looks at the images, and the rule: what a run's
+    accuracy must beat. A classifier's is a guess among CIFAR-10's ten classes; a Siamese run's is
+    the majority answer on its evaluation pairs, as many same-class in each as in a training batch
+    (0.80 for "always 'different'" at the report's 20%)."""
+    if study != "siamese":
+        return 0.1, "chance"
+    same = same_class_pairs(fraction_same, batch_size)
+    answer = "different" if same <= batch_size - same else "same"
+    return max(same, batch_size - same) / batch_size, f"always '{answer}'"
+
+
 @dataclass
 class Config:
     """Everything a run needs. Study-specific fields are ignored by the other studies."""

@@ -126,6 +126,30 @@ def read_json(path: str | os.PathLike) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def why_unwritable(path: str | os.PathLike, err: OSError) -> str:
+    """Why `path` could not be written, in the user's terms: a file where a folder must be (which
+    mkdir words as "File exists"), the path itself a folder, or the system's own reason."""
+    path = Path(path)
+    if path.is_dir():
+        return "it is a folder"
+    for parent in path.parents:
+        if parent.exists():
+            return f"{parent} is a file, not a folder" if not parent.is_dir() else (err.strerror or str(err))
+    return err.strerror or str(err)
+
+
+@contextlib.contextmanager
+def writing_user_path(flag: str, path: str | os.PathLike) -> Iterator[None]:
+    """An OSError while writing the path the user gave with `flag` becomes one line that names
+    the flag, the path and why."""
+    from cifarlab import CifarlabError
+
+    try:
+        yield
+    except OSError as err:
+        raise CifarlabError(f"{flag} {path}: cannot write it: {why_unwritable(path, err)}; give another path") from None
+
+
 def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
     """Call writer(tmp_path) (e.g. np.savez, torch.save, fig.savefig) and publish atomically.
 

@@ -27,8 +27,10 @@ def image_formats() -> list[str]:
     return sorted(t for t in types if t != "pgf" or shutil.which(matplotlib.rcParams["pgf.texsystem"]))
 
 
-def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | None = None) -> Path:
-    """Accuracy (left) and loss (right) against step, train and test, one colour per run."""
+def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | None = None,
+                note: str | None = None) -> Path:
+    """Accuracy (left) and loss (right) against step, train and test, one colour per run; `note`
+    (a caveat the reader of the figure must see) in red under the title."""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = plt.get_cmap("tab10")
     for i, (label, rows) in enumerate(series):
@@ -48,10 +50,14 @@ def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | No
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=0.985 if note else 0.98)
+    if note:
+        fig.text(0.5, 0.905 if title else 0.96, f"Note: {note}", ha="center", va="center", fontsize=9,
+                 color="#b3261e", wrap=True)
     # fixed margins for this fixed layout: tight_layout measured every label and cost a third of
     # the drawing time, paid at the end of every run
-    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.11, top=0.86 if title else 0.92, wspace=0.2)
+    top = 0.92 - 0.06 * bool(title) - 0.05 * bool(note)
+    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.11, top=top, wspace=0.2)
     out = save_figure(fig, out)
     plt.close(fig)
     return out

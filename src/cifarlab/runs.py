@@ -20,6 +20,7 @@ import io
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cifarlab import CifarlabError, __version__
-from cifarlab.config import NOT_COMPARED, READ_BY, STUDIES, Config, load_config, read_toml, to_toml
+from cifarlab.config import NOT_COMPARED, READ_BY, STUDIES, Config, baseline_accuracy, load_config, read_toml, to_toml
 from cifarlab.fileio import read_json, write_json, write_text, write_with
 
 METRIC_FIELDS = ("step", "split", "loss", "accuracy", "seconds")
@@ -308,17 +309,32 @@ class RunDir:
             return []
         return sorted(int(m.group(1)) for p in self.checkpoints.iterdir() if (m := _STEP_FILE.search(p.name)))
 
-    def load_weights(self, model: torch.nn.Module, step: int | None = None) -> int:
-        """Load step-N weights (the latest when step is None) into model; returns N."""
+    def checkpoint_step(self, step: int | None = None) -> int:
+        """`step` if its weights were saved, the latest saved when None; else an error that says
+        what to do (train on, wait, or pick a saved step)."""
         steps = self.weight_steps()
         if not steps:
-            raise CifarlabError(f"{self.path}: no checkpoint yet (checkpoints/step-N.safetensors); train first")
+            try:
+                cfg = self.config()
+            except CifarlabError:
+                cfg = None
+            if cfg is None:
+                todo = "train first"
+            elif being_trained(self.path):
+                todo = f"it is being trained now, and saves its first at step {min(cfg.checkpoint_every, cfg.steps):,}"
+            else:
+                todo = (f"it stopped before its first (due at step {min(cfg.checkpoint_every, cfg.steps):,}); "
+                        f"`cifarlab train {cfg.study} --resume {shlex.quote(str(self.path))}` trains it")
+            raise CifarlabError(f"{self.path}: no checkpoint yet (checkpoints/step-N.safetensors): {todo}")
         if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise CifarlabError(
-                f"{self.path}: no checkpoint at step {step}; available: {', '.join(map(str, steps))}"
-            )
+            return steps[-1]
+        if step not in steps:
+            raise CifarlabError(f"{self.path}: no checkpoint at step {step}; available: {', '.join(map(str, steps))}")
+        return step
+
+    def load_weights(self, model: torch.nn.Module, step: int | None = None) -> int:
+        """Load step-N weights (the latest when step is None) into model; returns N."""
+        step = self.checkpoint_step(step)
         path = self.checkpoints / f"step-{step}.safetensors"
         try:
             state = load_file(str(path), device=str(next(model.parameters()).device))
@@ -436,7 +452,7 @@ def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
 
     A run that cannot be read stops it when it was named itself; one found in a folder of runs is
     left out with a warning, so that one damaged run does not hide the others."""
-    runs, configs = [], []
+    runs, configs, raw = [], [], []
     for path, named in find_runs(paths):
         try:
             run = RunDir.open(path)  # reads metrics.csv
@@ -447,6 +463,7 @@ def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
             print(f"warning: left out {path}: {err}", file=sys.stderr)
             continue
         runs.append(run)
+        raw.append(cfg)
         # a setting a run's study does not read is None for it, and does not count as a difference
         configs.append({key: (value if cfg["study"] in READ_BY.get(key, STUDIES) else None) for key, value in cfg.items()})
     if not runs:
@@ -454,8 +471,12 @@ def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
     differing = [key for key in configs[0] if key not in NOT_COMPARED
                  and len({repr(c[key]) for c in configs if c[key] is not None}) > 1]
     rows = []
-    for run, cfg in zip(runs, configs):
+    for run, cfg, own in zip(runs, configs, raw):
         summary = run.summary(cfg["steps"])
+        unreadable = (run.path / "summary.json").is_file() and not read_json(run.path / "summary.json")
+        if unreadable:
+            print(f"warning: {run.path / 'summary.json'} is unreadable (damaged?): shown as unfinished; "
+                  f"`cifarlab train {cfg['study']} --resume {shlex.quote(str(run.path))}` writes it anew", file=sys.stderr)
         final, best = last_and_best_test(run.metrics)
         rows.append({
             "run": str(run.path),
@@ -468,6 +489,8 @@ def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
             "best_test_accuracy": best and best["accuracy"],
             "best_test_step": best and best["step"],
             "test_loss": final and final["loss"],
+            # what a rule blind to the images scores: a Siamese run's 0.8 may be no more than that
+            "baseline_accuracy": baseline_accuracy(own["study"], own["fraction_same"], own["batch_size"])[0],
             "ms_per_step": summary.get("ms_per_step"),
             "device": summary.get("device"),
             **{key: cfg[key] for key in differing},
