@@ -182,3 +182,24 @@ def test_a_run_whose_config_toml_is_damaged_is_listed_as_unreadable_not_left_out
     runs = (tmp_path / "report.md").read_text().split("## Runs")[1]
     row = next(line for line in runs.splitlines() if line.startswith("| classifier-b64 |"))
     assert "| unreadable |" in row and "unreadable: " in row and "classifier-b64/config.toml" in row
+
+
+def test_runs_that_are_not_presets_are_named_not_silently_left_out(tmp_path):
+    import shutil
+
+    import pytest
+
+    from cifarlab import CifarlabError
+
+    fake_run(tmp_path / "mine", "classifier-b64")
+    shutil.move(tmp_path / "mine" / "classifier-b64", tmp_path / "mine" / "my-ablation")
+    with pytest.raises(CifarlabError, match=r"its runs \(my-ablation\) are none of the report's presets.*"
+                                            r"`cifarlab compare .*mine` tables them"):
+        write_report(tmp_path / "mine")
+    assert not (tmp_path / "mine" / "report.md").exists()
+    fake_run(tmp_path / "mine", "classifier-b128")
+    write_state(tmp_path / "mine")
+    write_report(tmp_path / "mine")
+    md = (tmp_path / "mine" / "report.md").read_text()
+    assert "**Not in this report: my-ablation, in the same folder but none of the report's presets;" in md
+    assert "Not in this report: my-ablation" in (tmp_path / "mine" / "report.html").read_text()

@@ -191,6 +191,9 @@ def test_the_report_puts_ours_beside_the_seeds(reproduced):
     siamese = [line for line in md.splitlines() if line.startswith("| Section 2.5")]
     assert len(siamese) == 3 and all("same-class rule on test tuples (a pair accuracy, not OvR)" in line
                                      for line in siamese)
+    # each pair accuracy beside what answering 'different' always scores (a long note the rows share goes below the table)
+    assert re.search(r"pair accuracy, not OvR\): [0-9.]+, best [0-9.]+ at step [0-9,]+ "
+                     r"\(always 'different' scores 0\.\d\d\)", md)
     transfer = [line for line in md.splitlines() if line.startswith("| Section 3.3")]
     assert len(transfer) == 5 and all("not run (left out by --only)" in line for line in transfer)
     assert "Every run was trained with settings changed from the report's: batch_size=16" in md

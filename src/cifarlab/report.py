@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarlab import CifarlabError, __version__
-from cifarlab.config import NOT_COMPARED, NOT_IDENTITY, READ_BY
+from cifarlab.config import NOT_COMPARED, NOT_IDENTITY, READ_BY, Config, baseline_accuracy
 from cifarlab.fileio import read_json, write_text
 from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
 from cifarlab.reproduce import GROUPS
@@ -113,7 +113,14 @@ class ReportData:
         self.state = read_json(self.root / "reproduce.json")
         self.presets = {p.name: p for p in all_presets()}
         self.present = [n for n in self.presets if (self.root / n / "config.toml").is_file()]
+        # runs of the user's own beside (or instead of) the presets: no table row is theirs
+        self.not_presets = sorted(p.parent.name for p in self.root.glob("*/config.toml") if p.parent.name not in self.presets)
         if not self.present and not self.state:
+            if self.not_presets:
+                raise CifarlabError(
+                    f"{self.root}: its runs ({_listed(self.not_presets)}) are none of the report's presets, and "
+                    f"the report sets presets beside the seed's numbers; `cifarlab compare {self.root}` tables "
+                    f"them and `cifarlab plot RUN ... --out FILE` draws their curves")
             raise CifarlabError(
                 f"{self.root}: holds no preset runs (DIR/<preset>/config.toml) and no reproduce.json; "
                 f"run `cifarlab reproduce --out {self.root}` first"
@@ -335,8 +342,12 @@ def build_tables(data: ReportData) -> list[Table]:
         if res:
             note = f"{s['steps']:,} steps"
             if s.get("best_test_accuracy") is not None:
+                cfg = data.config(p.name)
+                baseline, rule = baseline_accuracy("siamese", cfg.get("fraction_same", Config.fraction_same),
+                                                   cfg.get("batch_size", Config.batch_size))
                 note += (f"; same-class rule on test tuples (a pair accuracy, not OvR): {s['final_test_accuracy']:.4f}, "
-                         f"best {s['best_test_accuracy']:.4f} at step {s['best_test_step']:,}")
+                         f"best {s['best_test_accuracy']:.4f} at step {s['best_test_step']:,} ({rule} scores "
+                         f"{baseline:.2f})")
             note = "; ".join(n for n in (note, _not_converged(res),
                                          data.older_checkpoint(p.name, res.get("checkpoint"))) if n)
         else:
@@ -594,6 +605,18 @@ def scale_warning(scales: dict[str, tuple[float, int, int]]) -> str | None:
             f"the real study.")
 
 
+def _listed(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def not_presets_warning(data: ReportData) -> str | None:
+    """Runs in the folder that no table or figure shows: the reader should not think them in it."""
+    if not data.not_presets:
+        return None
+    return (f"Not in this report: {_listed(data.not_presets)}, in the same folder but none of the report's "
+            f"presets; `cifarlab compare {data.root}` shows them beside the presets.")
+
+
 def same_runs_warning(data: ReportData) -> str | None:
     """Presets that were trained with one and the same settings (a small --steps-scale makes the
     refine steps K of 100, 1,000 and 2,500 one step; --set can make ablations equal): their rows
@@ -742,7 +765,7 @@ def write_report(root: str | Path) -> tuple[Path, Path]:
     tables, figures = build_tables(data), build_figures(data, folder)
     runs, env = run_rows(data), environment(data)
     warnings = [w for w in (scale_warning(data.step_scales()), settings_warning(data),
-                            same_runs_warning(data)) if w]
+                            same_runs_warning(data), not_presets_warning(data)) if w]
     html_path, md_path = data.root / "report.html", data.root / "report.md"
     write_text(html_path, render_html(tables, figures, runs, env, warnings))
     write_text(md_path, render_markdown(tables, figures, runs, env, warnings, data.root))
