@@ -1,5 +1,6 @@
 """The command line end to end on tiny image folders, as a user runs it."""
 
+import csv
 import json
 import os
 import subprocess
@@ -23,7 +24,8 @@ def trained(tmp_path_factory):
     data = make_image_folders(root / "data", 4)
     run = root / "run"
     res = cifarlab_process("train", "classifier", "--data", data, "--steps", 6, "--batch-size", 8, "--eval-every", 3,
-                           "--checkpoint-every", 3, "--out", run, "--device", "cpu", "--quiet")
+                           "--checkpoint-every", 3, "--out", run, "--device", "cpu", "--quiet",
+                           "--init", "xavier", "--lr", "1e-3")  # weights that move: eval has losses to tell apart
     return data, run, res
 
 
@@ -40,10 +42,14 @@ def test_train_writes_the_run_and_says_where(trained):
 
 def test_eval_reproduces_the_logged_test_accuracy(trained):
     data, run, _ = trained
-    res = run_cli("eval", run, "--checkpoint", 6, "--data", data, "--device", "cpu")
-    assert res.returncode == 0, res.stderr
-    acc = json.loads((run / "summary.json").read_text())["final_test_accuracy"]
-    assert f"step 6 test:" in res.stdout and f"accuracy {acc:.4f}" in res.stdout
+    with open(run / "metrics.csv") as fh:
+        logged = {int(r["step"]): r for r in csv.DictReader(fh) if r["split"] == "test"}
+    assert float(logged[3]["loss"]) != pytest.approx(float(logged[6]["loss"]), abs=1e-4)
+    for step in (3, 6):
+        res = run_cli("eval", run, "--checkpoint", step, "--data", data, "--device", "cpu")
+        assert res.returncode == 0, res.stderr
+        loss, acc = float(logged[step]["loss"]), float(logged[step]["accuracy"])
+        assert f"step {step} test: loss {loss:.4f}" in res.stdout and f"accuracy {acc:.4f}" in res.stdout, res.stdout
     missing = run_cli("eval", run, "--checkpoint", 5, "--data", data)
     assert missing.returncode != 0 and "no checkpoint at step 5; available: 3, 6" in missing.stderr
     assert "note:" not in res.stdout
@@ -60,9 +66,14 @@ def test_eval_on_other_images_than_the_run_trained_on_says_so(trained, tmp_path)
 
 def test_resume_extends_a_finished_run(trained, tmp_path):
     data, run, _ = trained
+    original = (trained[1] / "metrics.csv").read_text()
+    run = copy_of(trained[1], tmp_path)  # the module's run stays as the other tests expect it
     res = run_cli("train", "classifier", "--resume", run, "--steps", 9, "--quiet")
     assert res.returncode == 0, res.stderr
     assert json.loads((run / "summary.json").read_text())["steps"] == 9
+    extended = (run / "metrics.csv").read_text()
+    assert extended.startswith(original)  # steps 3 and 6 as they were, not trained again
+    assert [line.split(",")[:2] for line in extended[len(original):].splitlines()] == [["9", "train"], ["9", "test"]]
     assert "step-9.safetensors" in os.listdir(run / "checkpoints")
 
 
@@ -70,7 +81,8 @@ def test_plot_overlays_runs_with_labels(trained, tmp_path):
     _, run, _ = trained
     out = tmp_path / "overlay.png"
     res = run_cli("plot", run, run, "--out", out, "--labels", "a,b")
-    assert res.returncode == 0, res.stderr and out.stat().st_size > 10_000
+    assert res.returncode == 0, res.stderr
+    assert out.stat().st_size > 10_000
     assert f"note: {run} given more than once" in res.stderr
     bad = run_cli("plot", run, "--out", out, "--labels", "a,b")
     assert bad.returncode != 0 and "one per run" in bad.stderr
@@ -253,7 +265,7 @@ def test_resume_refuses_what_would_rewrite_the_runs_records(trained, tmp_path):
     # a setting no resume may change is refused as such, at any --steps (not sent to --steps first)
     for steps in (reached, reached + 3):
         one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", steps, "--lr", 0.5, "--quiet"),
-                       "was trained with lr 0.0001 (asked: 0.5); a resume keeps a run's settings")
+                       "was trained with lr 0.001 (asked: 0.5); a resume keeps a run's settings")
     one_error_line(run_cli("train", "siamese", "--resume", run, "--steps", reached + 3, "--quiet"),
                    "is a classifier run; resume it with `cifarlab train classifier --resume")
     assert {name: (run / name).read_bytes() for name in records} == records
