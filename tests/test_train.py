@@ -1,4 +1,5 @@
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -65,6 +66,33 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
 def test_resume_equals_uninterrupted_run(tmp_path):
     data = synthetic_cifar()
     cfg = small_cfg(dropout=0.3)  # dropout makes the RNG state matter
+    full, _ = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
+    first, _ = train(cfg.replace(steps=20), out=str(tmp_path / "part"), progress=False, data=data)
+    resumed, _ = train(cfg, resume=first.path, overrides={"steps": 40}, progress=False, data=data)
+    assert metric_values(resumed.path) == metric_values(full.path)
+
+
+def test_bf16_trains_in_bfloat16_learns_and_resumes_exactly(tmp_path, monkeypatch):
+    """--precision bf16 on the CPU: the layers compute in bfloat16 while training, the losses
+    stay finite floats, the run learns, and a resumed run equals an uninterrupted one."""
+    import cifarlab.train as train_module
+
+    dtypes = set()
+
+    def hooked(task):
+        for module in task.model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.register_forward_hook(lambda m, args, out: dtypes.add(out.dtype) if m.training else None)
+        return task
+
+    data = synthetic_cifar()
+    restore = _build_with(monkeypatch, hooked)
+    learnt, summary = train(small_cfg(precision="bf16"), out=str(tmp_path / "learnt"), progress=False, data=data)
+    restore()
+    assert dtypes == {torch.bfloat16}
+    assert summary["final_test_accuracy"] > 0.4  # chance is 0.1
+    assert all(math.isfinite(float(loss)) for _, _, loss, _ in metric_values(learnt.path))
+    cfg = small_cfg(precision="bf16", dropout=0.3)  # dropout makes the RNG state matter
     full, _ = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
     first, _ = train(cfg.replace(steps=20), out=str(tmp_path / "part"), progress=False, data=data)
     resumed, _ = train(cfg, resume=first.path, overrides={"steps": 40}, progress=False, data=data)
