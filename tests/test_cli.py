@@ -34,7 +34,11 @@ def test_train_writes_the_run_and_says_where(trained):
     assert res.returncode == 0, res.stderr
     assert f"run directory  {run}" in res.stdout and "curves" in res.stdout
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 6 and 0.0 <= summary["final_test_accuracy"] <= 1.0
+    with open(run / "metrics.csv") as fh:
+        last_test = [r for r in csv.DictReader(fh) if r["split"] == "test"][-1]
+    assert summary["steps"] == 6 and last_test["step"] == "6"
+    assert summary["final_test_accuracy"] == pytest.approx(float(last_test["accuracy"]))
+    assert summary["final_test_loss"] == pytest.approx(float(last_test["loss"]))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "last.pt", "step-3.safetensors", "step-6.safetensors"]
     assert (run / "plots" / "curves.png").is_file() and (run / "tb").is_dir()
