@@ -268,3 +268,15 @@ def test_cli_errors_are_one_line(run_copy, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.strip().count("\n") == 0
     assert err.startswith("error: unknown layer fc7; this run has: flatten, fc1, fc2, logits")
+
+
+def test_extracting_one_layer_keeps_the_layers_the_file_already_held(run_copy):
+    path, data = run_copy
+    A.extract_features(path, "fc1,fc2", data=data, progress=False)
+    file = A.extract_features(path, "logits", data=data, progress=False)
+    with np.load(file) as z:
+        assert {"fc1", "fc2", "logits"} <= set(z.files) and "flatten" not in z.files
+    other = make_image_folders(path.parent / "other", 3)  # other images: nothing of the old file applies
+    file = A.extract_features(path, "logits", data=other, progress=False)
+    with np.load(file) as z:
+        assert set(z.files) == {"labels", "meta", "logits"}

@@ -131,8 +131,8 @@ def test_data_command_describes_the_layout(trained):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "steps must be >= 1"),
-    (["--dropout", "1.5"], "dropout is a drop probability"),
+    (["--steps", "0"], "steps (--steps) must be >= 1"),
+    (["--dropout", "1.5"], "dropout (--dropout) is a drop probability"),
     (["--batch-size", "1000"], "larger than the training set"),
 ])
 def test_bad_flags_give_one_error_line(trained, tmp_path, args, message):
@@ -275,7 +275,7 @@ def test_resume_refuses_what_would_rewrite_the_runs_records(trained, tmp_path):
     assert {name: (run / name).read_bytes() for name in records} == records
     (run / "config.toml").write_text(records["config.toml"].decode().replace("batch_size = 8", "batch_size = -5"))
     one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", reached + 3, "--quiet"),
-                   f"{run / 'config.toml'}: invalid config: batch_size must be >= 1 (got -5)")
+                   f"{run / 'config.toml'}: invalid config: batch_size (--batch-size) must be >= 1 (got -5)")
 
 
 def test_resume_keeps_the_runs_settings_and_a_failed_one_changes_nothing(trained, tmp_path):
@@ -341,7 +341,7 @@ def test_devices_and_seeds_out_of_range_are_one_error_line(trained):
     one_error_line(run_cli("eval", run, "--data", data, "--device", "tpu"), "unknown device 'tpu'; use auto, cpu, cuda")
     one_error_line(run_cli("eval", run, "--data", data, "--device", "cuda:x"), "unknown device 'cuda:x'")
     one_error_line(run_cli("train", "classifier", "--data", data, "--seed", 2**40, "--quiet"),
-                   "seed must be in [0, 2**32)")
+                   "seed (--seed) must be in [0, 2**32)")
     for command in ("tsne", "ovr"):
         res = run_cli(command, run, "--seed", -1)
         assert res.returncode == 2 and "Traceback" not in res.stderr and "--seed" in res.stderr
@@ -451,6 +451,11 @@ def test_plot_says_when_its_runs_are_of_different_studies(trained, tmp_path, mon
     assert notes[0].startswith("these runs are of different studies")  # in the figure too, for whoever sees only it
     res = run_cli("plot", run, "--out", tmp_path / "one.png")
     assert res.returncode == 0 and notes[1] is None
+    transfer = copy_of(run, tmp_path)  # a transfer run's curves are the same 10-class scores: no note
+    (transfer / "config.toml").write_text(
+        (transfer / "config.toml").read_text().replace('study = "classifier"', 'study = "transfer"'))
+    res = run_cli("plot", run, transfer, "--out", tmp_path / "two.png")
+    assert res.returncode == 0 and notes[2] is None and "note:" not in res.stderr, res.stderr
 
 
 def test_eval_and_features_score_a_checkpoint_on_fewer_images_than_a_training_batch(tmp_path):

@@ -109,7 +109,7 @@ def test_same_class_pairs_are_floor_f_times_b_also_where_floats_fall_short(pool,
 
 
 def test_a_siamese_batch_without_same_class_pairs_is_refused():
-    with pytest.raises(CifarlabError, match="fraction_same 0.2 of batch_size 4 gives no same-class pair per batch"):
+    with pytest.raises(CifarlabError, match=r"fraction_same \(--fraction-same\) 0.2 of batch_size 4 gives no same-class pair per batch; use a larger --batch-size"):
         Config.for_study("siamese", batch_size=4, fraction_same=0.2)
     assert Config.for_study("classifier", batch_size=4).batch_size == 4  # the other studies do not pair
 

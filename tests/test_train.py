@@ -794,7 +794,7 @@ def test_paths_with_control_characters_keep_config_toml_readable_and_non_utf8_on
     odd = Config(data='/data/a\nb\t"c"\\d\x7f\x01é')
     (tmp_path / "config.toml").write_text(to_toml(odd.to_dict()), encoding="utf-8")
     assert load_config(tmp_path / "config.toml") == odd
-    with pytest.raises(CifarlabError, match=r"data 'nu\\udce9' is not valid UTF-8 .*rename it"):
+    with pytest.raises(CifarlabError, match=r"data \(--data\) 'nu\\udce9' is not valid UTF-8 .*rename it"):
         Config(data="nu\udce9").validate()  # how Python keeps a Latin-1 byte of a file name
 
 

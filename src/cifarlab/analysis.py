@@ -169,7 +169,8 @@ def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str
 
     Batched, on the run's device (or `device`), in inference mode and the run's precision; every
     layer comes out as float32 (N, D). `data` is a `Cifar10` (tests) or a data folder overriding the
-    run's; `keep` adds layers (e.g. those the file already held) to the ones asked for.
+    run's; `keep` adds layers to the ones asked for, and the layers a file of the same checkpoint
+    and images already holds are kept in it.
     """
     from cifarlab.data import load_cifar10
     from cifarlab.engine import make_autocast, resolve_device
@@ -197,6 +198,9 @@ def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str
     if split not in task.splits:
         hint = " (train it with --val-fraction to have one)" if split == "val" else ""
         raise CifarlabError(f"{run.path}: this run has no {split} split{hint}; it has: {', '.join(task.splits)}")
+    held = _fresh_meta(run, features_path(run, split, step), step, source)  # the file's layers stay in it
+    if held is not None:
+        names = [n for n in model.layer_names if n in set(names) | set(held["layers"])]
     run.load_weights(model, step)
     model.eval()
     images = task.splits[split]

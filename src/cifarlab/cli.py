@@ -295,7 +295,8 @@ def plot(
         series.append((name, rundir.metrics))
         studies.add(rundir.config().study)
     note = None
-    if len(studies) > 1:  # a classifier's cross-entropy and a contrastive loss share no scale
+    if "siamese" in studies and len(studies) > 1:  # a contrastive loss and a cross-entropy share no scale
+        # (classifier and transfer runs both score 10-class cross-entropy and accuracy on the test set)
         note = (f"these runs are of different studies ({', '.join(sorted(studies))}): their losses and "
                 "accuracies measure different things")
         print(f"note: {note}", file=sys.stderr)

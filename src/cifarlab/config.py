@@ -94,8 +94,13 @@ class Config:
 
     def validate(self) -> "Config":
         def need(ok: bool, what: str) -> None:
-            if not ok:
+            if not ok:  # a setting is named as in config.toml and as the flag that sets it
+                name = what.split(" ", 1)[0]
+                if name in settings and name != "study":
+                    what = f"{name} (--{name.replace('_', '-')}){what[len(name):]}"
                 raise CifarlabError(f"invalid config: {what}")
+
+        settings = {f.name for f in fields(self)}
 
         need(self.study in STUDIES, f"study {self.study!r} is not one of {', '.join(STUDIES)}")
         need(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
@@ -131,7 +136,7 @@ class Config:
         if self.study == "siamese":
             same = same_class_pairs(self.fraction_same, self.batch_size)
             need(same >= 1, f"fraction_same {self.fraction_same} of batch_size {self.batch_size} gives no "
-                            "same-class pair per batch; use a larger batch_size or fraction_same")
+                            "same-class pair per batch; use a larger --batch-size or --fraction-same")
         return self
 
     def to_dict(self) -> dict[str, Any]:
