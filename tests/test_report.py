@@ -203,3 +203,23 @@ def test_runs_that_are_not_presets_are_named_not_silently_left_out(tmp_path):
     md = (tmp_path / "mine" / "report.md").read_text()
     assert "**Not in this report: my-ablation, in the same folder but none of the report's presets;" in md
     assert "Not in this report: my-ablation" in (tmp_path / "mine" / "report.html").read_text()
+
+
+def test_an_unfinished_run_names_the_call_that_goes_on_and_whether_it_resumes_or_starts_anew(tmp_path):
+    fake_run(tmp_path, "classifier-b128")
+    for name in ("classifier-b64", "classifier-b64-dropout0.5"):  # started, no metrics yet
+        (fake_run(tmp_path, name) / "metrics.csv").unlink()
+        (tmp_path / name / "summary.json").unlink()
+    (tmp_path / "classifier-b64" / "checkpoints").mkdir()
+    (tmp_path / "classifier-b64" / "checkpoints" / "last.pt").write_bytes(b"saved")
+    command = f"cifarlab reproduce --only study1 --steps-scale 0.01 --out {tmp_path}"
+    write_json(tmp_path / "reproduce.json", {**STATE, "command": command})
+    write_report(tmp_path)
+    runs = (tmp_path / "report.md").read_text().split("## Runs")[1]
+    row = {name: next(line for line in runs.splitlines() if line.startswith(f"| {name} |"))
+           for name in ("classifier-b64", "classifier-b64-dropout0.5")}
+    assert f"unfinished: run `{command}` again to resume it" in row["classifier-b64"]
+    assert f"unfinished, nothing saved yet: run `{command}` again to train it anew" in row["classifier-b64-dropout0.5"]
+    write_state(tmp_path)  # a reproduce.json that does not say the command
+    write_report(tmp_path)
+    assert "run the same `cifarlab reproduce` again to resume it" in (tmp_path / "report.md").read_text()

@@ -194,7 +194,10 @@ class ReportData:
         if record and record.get("status") in ("skipped", "failed"):
             return f"{record['status']}: {record.get('note', '')}"
         if (self.root / name / "config.toml").is_file():
-            return "unfinished: run `cifarlab reproduce` again to resume it"
+            again = f"`{self.state['command']}`" if self.state.get("command") else "the same `cifarlab reproduce`"
+            if (self.root / name / "checkpoints" / "last.pt").is_file():
+                return f"unfinished: run {again} again to resume it"
+            return f"unfinished, nothing saved yet: run {again} again to train it anew"
         only = self.state.get("only")
         if only is not None and self.presets[name].study not in {GROUPS.get(g) for g in only}:
             return "not run (left out by --only)"
