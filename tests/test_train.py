@@ -183,7 +183,8 @@ def test_an_error_of_the_first_compiled_step_that_is_not_the_compilers_passes_un
 
 
 def test_compile_and_distributed_together_are_refused():
-    with pytest.raises(CifarlabError, match="compile is not supported with distributed"):
+    with pytest.raises(CifarlabError,
+                       match="invalid config: --compile is not supported with --distributed training; drop one"):
         Config(compile=True, distributed=True).validate()
 
 

@@ -126,7 +126,8 @@ class Config:
         need(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16 (got {self.precision!r})")
         need(self.memory_format in ("auto", "channels_last", "contiguous"),
              f"memory_format must be auto, channels_last or contiguous (got {self.memory_format!r})")
-        need(not (self.compile and self.distributed), "compile is not supported with distributed training; drop one")
+        need(not (self.compile and self.distributed),
+             "--compile is not supported with --distributed training; drop one")
         for f in fields(self):
             value = getattr(self, f.name)
             # a path of bytes in another encoding (Python keeps them as lone surrogates): config.toml is UTF-8
