@@ -151,6 +151,26 @@ def make_tar(root: Path, n_per_class: int) -> tuple[Path, str]:
     return archive, md5_of(archive)
 
 
+def logged_rows(run_path, split: str) -> list[dict]:
+    """metrics.csv's rows of one split, read as plain CSV (not through the code under test),
+    with step an int and loss and accuracy floats."""
+    import csv
+
+    with open(Path(run_path) / "metrics.csv", newline="") as fh:
+        return [{**r, "step": int(r["step"]), "loss": float(r["loss"]), "accuracy": float(r["accuracy"])}
+                for r in csv.DictReader(fh) if r["split"] == split]
+
+
+def wrap_built_tasks(monkeypatch, wrapper):
+    """Make train() see wrapper(task) for every task it builds; returns the undo (a resume in the
+    same test may need the plain task)."""
+    import cifarlab.train as train_module
+
+    build = train_module.build_task
+    monkeypatch.setattr(train_module, "build_task", lambda *a, **k: wrapper(build(*a, **k)))
+    return lambda: monkeypatch.setattr(train_module, "build_task", build)
+
+
 def run_cli(*args) -> subprocess.CompletedProcess:
     """`cifarlab ARGS` through its entry point (`cli.main`) in this process, with its output and
     exit status captured as a fresh process would give them; a fresh process would spend seconds

@@ -1,6 +1,5 @@
 """The command line end to end on tiny image folders, as a user runs it."""
 
-import csv
 import json
 import os
 import subprocess
@@ -8,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import make_image_folders, run_cli
+from conftest import logged_rows, make_image_folders, run_cli
 
 
 def cifarlab_process(*args):
@@ -34,11 +33,10 @@ def test_train_writes_the_run_and_says_where(trained):
     assert res.returncode == 0, res.stderr
     assert f"run directory  {run}" in res.stdout and "curves" in res.stdout
     summary = json.loads((run / "summary.json").read_text())
-    with open(run / "metrics.csv") as fh:
-        last_test = [r for r in csv.DictReader(fh) if r["split"] == "test"][-1]
-    assert summary["steps"] == 6 and last_test["step"] == "6"
-    assert summary["final_test_accuracy"] == pytest.approx(float(last_test["accuracy"]))
-    assert summary["final_test_loss"] == pytest.approx(float(last_test["loss"]))
+    last_test = logged_rows(run, "test")[-1]
+    assert summary["steps"] == 6 and last_test["step"] == 6
+    assert summary["final_test_accuracy"] == pytest.approx(last_test["accuracy"])
+    assert summary["final_test_loss"] == pytest.approx(last_test["loss"])
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "last.pt", "step-3.safetensors", "step-6.safetensors"]
     assert (run / "plots" / "curves.png").is_file() and (run / "tb").is_dir()
@@ -46,13 +44,12 @@ def test_train_writes_the_run_and_says_where(trained):
 
 def test_eval_reproduces_the_logged_test_accuracy(trained):
     data, run, _ = trained
-    with open(run / "metrics.csv") as fh:
-        logged = {int(r["step"]): r for r in csv.DictReader(fh) if r["split"] == "test"}
-    assert float(logged[3]["loss"]) != pytest.approx(float(logged[6]["loss"]), abs=1e-4)
+    logged = {r["step"]: r for r in logged_rows(run, "test")}
+    assert logged[3]["loss"] != pytest.approx(logged[6]["loss"], abs=1e-4)
     for step in (3, 6):
         res = run_cli("eval", run, "--checkpoint", step, "--data", data, "--device", "cpu")
         assert res.returncode == 0, res.stderr
-        loss, acc = float(logged[step]["loss"]), float(logged[step]["accuracy"])
+        loss, acc = logged[step]["loss"], logged[step]["accuracy"]
         assert f"step {step} test: loss {loss:.4f}" in res.stdout and f"accuracy {acc:.4f}" in res.stdout, res.stdout
     missing = run_cli("eval", run, "--checkpoint", 5, "--data", data)
     assert missing.returncode != 0 and "no checkpoint at step 5; available: 3, 6" in missing.stderr

@@ -1,6 +1,5 @@
 """What each study feeds the engine: the seed's preprocessing, its splits, its scores and its logs."""
 
-import csv
 import math
 
 import numpy as np
@@ -13,6 +12,7 @@ from cifarlab.engine import make_autocast
 from cifarlab.losses import same_class_threshold
 from cifarlab.studies import ClassifierTask, SiameseTask, TransferTask
 from cifarlab.train import train
+from conftest import logged_rows, wrap_built_tasks
 from synthetic import synthetic_cifar
 
 CPU = torch.device("cpu")
@@ -98,13 +98,9 @@ def test_a_pair_is_called_same_class_exactly_when_its_distance_is_under_the_thre
 
 
 def test_the_logged_train_loss_and_accuracy_are_the_means_over_the_steps_since_the_last_log(tmp_path, monkeypatch):
-    import cifarlab.train as train_module
-
     steps = []  # (loss, correct, n) of each training step, as the step computed them
-    build = train_module.build_task
 
-    def recording(*args, **kwargs):
-        task = build(*args, **kwargs)
+    def recording(task):
         step_loss = task.train_loss
 
         def train_loss(*inputs):
@@ -115,15 +111,14 @@ def test_the_logged_train_loss_and_accuracy_are_the_means_over_the_steps_since_t
         task.train_loss = train_loss
         return task
 
-    monkeypatch.setattr(train_module, "build_task", recording)
+    wrap_built_tasks(monkeypatch, recording)
     cfg = Config(steps=20, batch_size=20, lr=1e-3, eval_every=10, checkpoint_every=20, init="xavier",
                  device="cpu", tensorboard=False)
     run, _ = train(cfg, out=str(tmp_path / "run"), progress=False, data=synthetic_cifar())
     assert len(steps) == 20
-    with open(run.path / "metrics.csv") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["split"] == "train"]
-    assert [int(r["step"]) for r in rows] == [10, 20]
+    rows = logged_rows(run.path, "train")
+    assert [r["step"] for r in rows] == [10, 20]
     for row, window in zip(rows, (steps[:10], steps[10:])):
-        assert float(row["loss"]) == pytest.approx(sum(s[0] for s in window) / 10, rel=1e-5)
-        assert float(row["accuracy"]) == pytest.approx(sum(s[1] for s in window) / sum(s[2] for s in window))
-    assert float(rows[0]["loss"]) != pytest.approx(float(rows[1]["loss"]), rel=1e-3)  # it learns between them
+        assert row["loss"] == pytest.approx(sum(s[0] for s in window) / 10, rel=1e-5)
+        assert row["accuracy"] == pytest.approx(sum(s[1] for s in window) / sum(s[2] for s in window))
+    assert rows[0]["loss"] != pytest.approx(rows[1]["loss"], rel=1e-3)  # it learns between them

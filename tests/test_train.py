@@ -14,7 +14,7 @@ from cifarlab.config import Config, load_config
 from cifarlab.engine import TrainingDiverged
 from cifarlab.studies import EpochShuffler
 from cifarlab.train import train
-from conftest import run_locked_by_another_process
+from conftest import run_locked_by_another_process, wrap_built_tasks
 from synthetic import synthetic_cifar
 
 
@@ -86,7 +86,7 @@ def test_bf16_trains_in_bfloat16_learns_and_resumes_exactly(tmp_path, monkeypatc
         return task
 
     data = synthetic_cifar()
-    restore = _build_with(monkeypatch, hooked)
+    restore = wrap_built_tasks(monkeypatch, hooked)
     learnt, summary = train(small_cfg(precision="bf16"), out=str(tmp_path / "learnt"), progress=False, data=data)
     restore()
     assert dtypes == {torch.bfloat16}
@@ -232,7 +232,7 @@ def test_a_run_started_with_ctrl_c_ignored_keeps_it_ignored(tmp_path, monkeypatc
     data = synthetic_cifar()
     cfg = small_cfg(steps=20)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the fixture puts the terminal's handler back after
-    restore = _build_with(monkeypatch, InterruptAt(5))
+    restore = wrap_built_tasks(monkeypatch, InterruptAt(5))
     run, summary = train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
     restore()
     assert summary["steps"] == 20 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
@@ -243,14 +243,6 @@ class CrashAt(InterruptAt):
 
     def happen(self):
         raise SystemError("the process died here")
-
-
-def _build_with(monkeypatch, wrapper):
-    import cifarlab.train as train_module
-
-    build = train_module.build_task
-    monkeypatch.setattr(train_module, "build_task", lambda *a, **k: wrapper(build(*a, **k)))
-    return lambda: monkeypatch.setattr(train_module, "build_task", build)
 
 
 def test_a_run_extended_past_a_last_step_off_the_eval_cadence_equals_an_uninterrupted_one(tmp_path):
@@ -276,7 +268,7 @@ def test_a_run_that_died_after_logging_but_before_any_checkpoint_trains_anew_on_
     data = synthetic_cifar()
     cfg = small_cfg(steps=20, eval_every=5, checkpoint_every=10, tensorboard=True)
     full, _ = train(cfg, out=str(tmp_path / "full"), progress=False, data=data)
-    restore = _build_with(monkeypatch, CrashAt(7))
+    restore = wrap_built_tasks(monkeypatch, CrashAt(7))
     with pytest.raises(SystemError):
         train(cfg, out=str(tmp_path / "died"), progress=False, data=data)
     restore()
@@ -290,7 +282,7 @@ def test_a_run_that_died_after_logging_but_before_any_checkpoint_trains_anew_on_
 def test_tensorboard_keeps_no_duplicates_of_steps_a_crashed_attempt_logged_past_its_checkpoint(tmp_path, monkeypatch):
     data = synthetic_cifar()
     cfg = small_cfg(steps=20, eval_every=5, checkpoint_every=10, tensorboard=True)
-    restore = _build_with(monkeypatch, CrashAt(17))  # logged step 15 after the checkpoint at 10
+    restore = wrap_built_tasks(monkeypatch, CrashAt(17))  # logged step 15 after the checkpoint at 10
     with pytest.raises(SystemError):
         train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
     restore()
@@ -320,7 +312,7 @@ def test_resuming_to_a_ctrl_c_step_on_the_eval_cadence_saves_its_weights(tmp_pat
 
     data = synthetic_cifar()
     cfg = small_cfg()  # eval every 10, checkpoints every 20
-    restore = _build_with(monkeypatch, InterruptAt(9))  # stops after step 10: logged, but no weights saved
+    restore = wrap_built_tasks(monkeypatch, InterruptAt(9))  # stops after step 10: logged, but no weights saved
     with pytest.raises(CifarlabError, match="interrupted at step 10"):
         train(cfg, out=str(tmp_path / "cut"), progress=False, data=data)
     restore()
@@ -334,7 +326,7 @@ def test_resuming_to_exactly_the_step_ctrl_c_saved_at_logs_and_saves_that_last_s
     data = synthetic_cifar()
     cfg = small_cfg(dropout=0.3)
     whole, _ = train(cfg.replace(steps=14), out=str(tmp_path / "whole"), progress=False, data=data)
-    restore = _build_with(monkeypatch, InterruptAt(13))
+    restore = wrap_built_tasks(monkeypatch, InterruptAt(13))
     with pytest.raises(CifarlabError, match="interrupted at step 14"):
         train(cfg, out=str(tmp_path / "cut"), progress=False, data=data)
     restore()
@@ -362,7 +354,7 @@ def test_a_resume_that_fails_before_its_first_step_leaves_the_run_as_it_was(tmp_
     cfg = small_cfg(steps=25, checkpoint_every=10)  # its last step, 25, is off the eval cadence
     run, _ = train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
     files = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
-    restore = _build_with(monkeypatch, CrashAt(25))  # the first step of the resume
+    restore = wrap_built_tasks(monkeypatch, CrashAt(25))  # the first step of the resume
     with pytest.raises(SystemError):
         train(cfg, resume=run.path, overrides={"steps": 40}, progress=False, data=data)
     restore()
@@ -692,7 +684,7 @@ def test_ctrl_c_in_the_last_step_finishes_the_run_and_still_says_it_was_interrup
 
     data = synthetic_cifar()
     cfg = small_cfg(steps=20)
-    restore = _build_with(monkeypatch, InterruptAt(19))
+    restore = wrap_built_tasks(monkeypatch, InterruptAt(19))
     with pytest.raises(TrainingInterrupted, match="interrupted in the last step; .* finished all 20 steps"):
         train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
     restore()
@@ -835,7 +827,7 @@ def test_a_second_ctrl_c_while_the_first_ones_save_is_written_lets_it_finish(tmp
         return save(self, weights_too)
 
     monkeypatch.setattr(engine.Trainer, "save_checkpoint", impatient_save)
-    restore = _build_with(monkeypatch, InterruptAt(6))
+    restore = wrap_built_tasks(monkeypatch, InterruptAt(6))
     with pytest.raises(CifarlabError, match="interrupted at step 7; progress saved"):
         train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
     restore()
@@ -851,11 +843,11 @@ def test_a_second_ctrl_c_stops_at_once_and_says_where_a_resume_would_go_on_from(
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
 
-    restore = _build_with(monkeypatch, TwiceAt(24))
+    restore = wrap_built_tasks(monkeypatch, TwiceAt(24))
     with pytest.raises(CifarlabError, match=r"interrupted twice at step 24: stopped without saving; cifarlab train "
                                             r"classifier --resume .*run goes on from the last checkpoint \(step 20\)"):
         train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
-    restore = restore() or _build_with(monkeypatch, TwiceAt(3))
+    restore = restore() or wrap_built_tasks(monkeypatch, TwiceAt(3))
     with pytest.raises(CifarlabError, match="interrupted twice at step 3: stopped without saving; nothing was saved "
                                             "yet: .* trains it from the start"):
         train(cfg, out=str(tmp_path / "new"), progress=False, data=data)

@@ -164,13 +164,12 @@ def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
 
 def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None = None,
                      split: str = "test", checkpoint: int | None = None, *, data=None, device: str | None = None,
-                     progress: bool = True, keep: Sequence[str] = ()) -> Path:
+                     progress: bool = True) -> Path:
     """Run the checkpoint's network over one split and write `features/<split>-step-<N>.npz`.
 
     Batched, on the run's device (or `device`), in inference mode and the run's precision; every
     layer comes out as float32 (N, D). `data` is a `Cifar10` (tests) or a data folder overriding the
-    run's; `keep` adds layers to the ones asked for, and the layers a file of the same checkpoint
-    and images already holds are kept in it.
+    run's. The layers a file of the same checkpoint and images already holds are kept in it.
     """
     from cifarlab.data import load_cifar10
     from cifarlab.engine import make_autocast, resolve_device
@@ -190,17 +189,15 @@ def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str
     task = build_task(cfg, dev, autocast, data=data, progress=progress, for_checkpoint=True,
                       training=False)
     model = task.model
-    names = select_layers(layers, model.layer_names)
-    names = [n for n in model.layer_names if n in set(names) | set(keep)]
+    held = _fresh_meta(run, features_path(run, split, step), step, source)  # the file's layers stay in it
+    wanted = set(select_layers(layers, model.layer_names)) | set(held["layers"] if held else ())
+    names = [n for n in model.layer_names if n in wanted]
     clash = [n for n in names if n in _RESERVED]
     if clash:
         raise CifarlabError(f"layer name {clash[0]!r} clashes with a key of the features file; rename the stage")
     if split not in task.splits:
         hint = " (train it with --val-fraction to have one)" if split == "val" else ""
         raise CifarlabError(f"{run.path}: this run has no {split} split{hint}; it has: {', '.join(task.splits)}")
-    held = _fresh_meta(run, features_path(run, split, step), step, source)  # the file's layers stay in it
-    if held is not None:
-        names = [n for n in model.layer_names if n in set(names) | set(held["layers"])]
     run.load_weights(model, step)
     model.eval()
     images = task.splits[split]
@@ -275,13 +272,7 @@ def load_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str] |
     step = run.checkpoint_step(checkpoint)
     path = features_path(run, split, step)
     meta = _fresh_meta(run, path, step, data_key(run.config(), data))
-    if meta is not None:
-        wanted = select_layers(layers, meta["layer_names"], default)
-        if not set(wanted) <= set(meta["layers"]):
-            extract_features(run, wanted, split, step, data=data, device=device, progress=progress,
-                             keep=meta["layers"])
-            meta = read_meta(path)
-    else:
+    if meta is None or not set(select_layers(layers, meta["layer_names"], default)) <= set(meta["layers"]):
         extract_features(run, layers if layers is not None else default, split, step, data=data,
                          device=device, progress=progress)
         meta = read_meta(path)

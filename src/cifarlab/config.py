@@ -93,14 +93,14 @@ class Config:
     distributed: bool = False  # one of several torchrun processes (DDP); recorded, but a resume sets it anew
 
     def validate(self) -> "Config":
+        settings = {f.name for f in fields(self)}
+
         def need(ok: bool, what: str) -> None:
             if not ok:  # a setting is named as in config.toml and as the flag that sets it
                 name = what.split(" ", 1)[0]
                 if name in settings and name != "study":
                     what = f"{name} (--{name.replace('_', '-')}){what[len(name):]}"
                 raise CifarlabError(f"invalid config: {what}")
-
-        settings = {f.name for f in fields(self)}
 
         need(self.study in STUDIES, f"study {self.study!r} is not one of {', '.join(STUDIES)}")
         need(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")

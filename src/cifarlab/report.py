@@ -114,7 +114,8 @@ class ReportData:
         self.presets = {p.name: p for p in all_presets()}
         self.present = [n for n in self.presets if (self.root / n / "config.toml").is_file()]
         # runs of the user's own beside (or instead of) the presets: no table row is theirs
-        self.not_presets = sorted(p.parent.name for p in self.root.glob("*/config.toml") if p.parent.name not in self.presets)
+        self.not_presets = sorted(p.parent.name for p in self.root.glob("*/config.toml")
+                                  if p.parent.name not in self.presets)
         if not self.present and not self.state:
             if self.not_presets:
                 raise CifarlabError(
