@@ -153,7 +153,14 @@ def test_help_explains_every_flag():
                  "--dropout", "--weight-decay", "--device", "--out", "--resume", "--precision"):
         assert flag in res.stdout
     text = " ".join(res.stdout.split())  # as wrapped for the terminal
-    assert "[default: 15000; siamese 50000; transfer 10000]" in text  # not taken for a markup tag
+    assert "(Adam updates). [default: 15000]" in text  # the study's own, and not taken for a markup tag
+    siamese = " ".join(run_cli("train", "siamese", "--help").stdout.split())
+    assert "(Adam updates). [default: 50000]" in siamese and "validation split. [default: 0.2]" in siamese
+    # `train --preset P --help` is the help of P's study: its flags follow --preset
+    by_preset = run_cli("train", "--preset", "siamese-exp1", "--help")
+    assert by_preset.returncode == 0 and "--fraction-same" in by_preset.stdout
+    group = run_cli("train", "--help").stdout  # its hidden --out/-q only refuse options before a study's name
+    assert "--preset" in group and "--out" not in group and "--quiet" not in group
     assert "in cifarlab[lite0]" in " ".join(run_cli("reproduce", "--help").stdout.split())
 
 

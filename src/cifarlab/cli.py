@@ -96,11 +96,30 @@ def study_command(study: str):
                 flags["data"] = str(flags["data"])
             _train(study, {k: v for k, v in flags.items() if v is not None}, **run_flags)
 
-        command.__signature__ = inspect.Signature([*own.values(), *shared.values()])
+        shared = [_with_the_studys_default(param, study) for param in shared.values()]
+        command.__signature__ = inspect.Signature([*own.values(), *shared])
         command.__doc__, command.__name__ = fn.__doc__, fn.__name__
         return train_app.command(study)(command)
 
     return decorate
+
+
+def _with_the_studys_default(param: inspect.Parameter, study: str) -> inspect.Parameter:
+    """A shared flag whose default differs by study ("[default: 15000; siamese 50000; ...]") as
+    the study's command shows it: "[default: 50000]" in `train siamese --help`."""
+    import copy
+    import re
+
+    from cifarlab.config import Config
+
+    base, info = param.annotation.__origin__, param.annotation.__metadata__[0]
+    if not re.search(r"\[default: [^]]*;[^]]*\]", info.help or ""):
+        return param
+    info = copy.copy(info)
+    value = getattr(Config.for_study(study), param.name)
+    info.help = re.sub(r"\[default: [^]]*\]", f"[default: {value:g}]" if isinstance(value, float) else
+                       f"[default: {value}]", info.help)
+    return param.replace(annotation=Annotated[base, info])
 
 
 def _train(study: str | None, flags: dict, preset: str | None, out: str | None, resume: Path | None,
@@ -144,8 +163,10 @@ def train_group(
     ctx: typer.Context,
     preset: Annotated[Optional[str], typer.Option(
         help="Train this preset (`cifarlab presets`); the flags of its study's command may follow, e.g. --steps.")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Run directory. [default: runs/<preset>-<time>]")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    # hidden: `train --preset P ...` is run as `train STUDY --preset P ...` (see main), so these two
+    # are only here to refuse them before a study's name instead of reporting "no such option"
+    out: Annotated[Optional[str], typer.Option(hidden=True)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", hidden=True)] = False,
 ) -> None:
     """Train one run of a study: `cifarlab train classifier|siamese|transfer [flags]` or `cifarlab train --preset NAME [flags]`."""
     if ctx.invoked_subcommand is not None:
@@ -515,10 +536,10 @@ def _from_ctrl_c(err: BaseException) -> bool:
 def _with_the_presets_study(args: list[str]) -> list[str]:
     """`train --preset NAME [flags]` as `train STUDY --preset NAME [flags]`: the preset says its
     study, and click takes flags before a study's name for the train group's own (refusing a
-    --steps there as no such option)."""
+    --steps there as no such option). With --help, that shows the study's flags."""
     from cifarlab.config import STUDIES
 
-    if args[:1] != ["train"] or "--help" in args or any(arg in STUDIES for arg in args):
+    if args[:1] != ["train"] or any(arg in STUDIES for arg in args):
         return args
     for i, arg in enumerate(args):
         name = arg.partition("=")[2] if arg.startswith("--preset=") else \
