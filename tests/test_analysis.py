@@ -19,7 +19,7 @@ from cifarlab.data import load_cifar10
 from cifarlab.runs import RunDir
 from cifarlab.studies import build_task
 from cifarlab.train import train
-from conftest import make_image_folders
+from conftest import make_image_folders, run_cli
 
 LAYERS = {"flatten": 4096, "fc1": 384, "fc2": 192}
 N_TEST = 200  # 20 images per class
@@ -280,3 +280,32 @@ def test_extracting_one_layer_keeps_the_layers_the_file_already_held(run_copy):
     file = A.extract_features(path, "logits", data=other, progress=False)
     with np.load(file) as z:
         assert set(z.files) == {"labels", "meta", "logits"}
+
+
+def test_ovr_says_what_it_fits_before_a_long_fit(run_copy):
+    path, _ = run_copy
+    res = run_cli("ovr", path, "--layer", "fc1,fc2")
+    assert res.returncode == 0, res.stderr
+    # the seed protocol fits 80% of the 200 test images, one line per layer before its fit
+    assert "ovr fc1: fitting linear-svm on 160 x 384 features..." in res.stderr
+    assert "ovr fc2: fitting linear-svm on 160 x 192 features..." in res.stderr
+    quiet = run_cli("ovr", path, "--protocol", "split", "--quiet")
+    assert quiet.returncode == 0 and "fitting" not in quiet.stderr
+
+
+def test_analysis_on_other_images_says_so_once(run_copy, tmp_path):
+    path, _ = run_copy
+    elsewhere = make_image_folders(tmp_path / "same", 20)  # the run's images in another folder: no note
+    other = make_image_folders(tmp_path / "other", 10)
+    note = f"note: {other} holds other images than run trained on"
+    same = run_cli("ovr", path, "--data", elsewhere, "--quiet")
+    assert same.returncode == 0 and "note:" not in same.stderr
+    for args in (["features", path], ["ovr", path, "--protocol", "split"], ["ovr", path],  # fresh: not extracted
+                 ["tsne", path, "--perplexity", "5", "--max-points", "50"]):
+        res = run_cli(*args, "--data", other, "--quiet")
+        assert res.returncode == 0, res.stderr
+        assert res.stderr.count(note) == 1, (args, res.stderr)  # ovr's split protocol reads two splits
+        assert "replace run's own (analyse again without --data" in res.stderr
+    assert A.read_ovr(path, "fc2")["n_score"] == 20  # 20% of the other folder's 100 test images
+    assert "note:" not in run_cli("ovr", path, "--quiet").stderr  # back on its own images
+    assert A.read_ovr(path, "fc2")["n_score"] == 40

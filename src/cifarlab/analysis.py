@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -203,7 +204,8 @@ def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str
     images = task.splits[split]
     arrays = _forward(model, images, names, autocast, progress, f"features {split}")
     meta = {
-        "format": _FORMAT, "run": run.name, "split": split, "checkpoint": step, "data": source, "layers": names,
+        "format": _FORMAT, "run": run.name, "split": split, "checkpoint": step, "data": source,
+        "data_digest": task.data_digest, "layers": names,
         "layer_names": list(model.layer_names), "dims": {n: int(a.shape[1]) for n, a in arrays.items()},
         "images": len(images), "classes": list(data.classes),
         "precision": cfg.precision, "device": str(dev), "created": dt.datetime.now().isoformat(timespec="seconds"),
@@ -213,6 +215,17 @@ def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str
     (path.parent / f"{split}.npz").unlink(missing_ok=True)  # the one file per split of earlier versions
     write_with(path, lambda tmp: np.savez(tmp, labels=labels, meta=np.array(json.dumps(meta)), **arrays))
     return path
+
+
+def note_other_images(run: RunDir | str | os.PathLike, features_file: Path, given) -> None:
+    """Say so when `given` (a --data) holds other images than the run trained on: the features in
+    `features_file`, and the t-SNE and OvR results made from them, are of those images and replace
+    the run's own."""
+    run = _open(run)
+    note = run.other_images_note((read_meta(features_file) or {}).get("data_digest"), given) if given is not None else None
+    if note:
+        print(f"note: {note}; the features and the t-SNE/OvR results made from them are of those images "
+              f"and replace {run.name}'s own (analyse again without --data to have those back)", file=sys.stderr)
 
 
 @torch.inference_mode()
@@ -355,6 +368,7 @@ def run_tsne(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None
     run = _open(run)
     feats = load_features(run, layers, split, checkpoint, default="last", data=data, device=device,
                           progress=progress)
+    note_other_images(run, feats.path, data)
     rows = sample_indices(len(feats.labels), max_points, seed)
     labels = feats.labels[rows]
     perplexity = effective_perplexity(perplexity, len(rows))  # record what openTSNE will use
@@ -504,15 +518,18 @@ def run_ovr(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None 
     common = dict(checkpoint=checkpoint, default="last", data=data, device=device, progress=progress)
     test = load_features(run, layers, "test", **common)
     train = load_features(run, layers, "train", **common) if protocol == "split" else None
+    note_other_images(run, test.path, data)
     rows = []
     for name, x in test.layers.items():
         if protocol == "seed":
             fit_rows, score_rows = seed_protocol_split(len(test.labels), seed)
-            result = fit_score(x[fit_rows], test.labels[fit_rows], x[score_rows], test.labels[score_rows],
-                               classifier, len(test.classes), seed, n_jobs)
+            fit, score = (x[fit_rows], test.labels[fit_rows]), (x[score_rows], test.labels[score_rows])
         else:
-            result = fit_score(train.layers[name], train.labels, x, test.labels, classifier, len(test.classes), seed,
-                               n_jobs)
+            fit, score = (train.layers[name], train.labels), (x, test.labels)
+        if progress:  # a fit on wide features takes minutes, with nothing to show meanwhile
+            print(f"ovr {name}: fitting {classifier} on {fit[0].shape[0]} x {fit[0].shape[1]} features...",
+                  file=sys.stderr, flush=True)
+        result = fit_score(*fit, *score, classifier, len(test.classes), seed, n_jobs)
         result = {"layer": name, "dims": int(x.shape[1]), "protocol": protocol, "classifier": classifier,
                   "seed": seed, "checkpoint": test.checkpoint, "data": test.data, **result,
                   "per_class_accuracy": dict(zip(test.classes, result["per_class_accuracy"])),

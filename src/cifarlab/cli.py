@@ -278,10 +278,10 @@ def eval_run(
     task = build_task(cfg, dev, autocast, for_checkpoint=True, training=False)
     step = rundir.load_weights(task.model, checkpoint)
     task.model.eval()
-    trained_on = rundir.trained_data_digest() if data is not None else None
-    if trained_on and trained_on != task.data_digest:
-        print(f"note: {data} holds other images than {rundir.name} trained on; the numbers below are for "
-              "them (less the mean image of their own train split, as in training)")
+    note = rundir.other_images_note(task.data_digest, data) if data is not None else None
+    if note:
+        print(f"note: {note}; the numbers below are for them (less the mean image of their own train "
+              "split, as in training)")
     for split, (loss, acc) in task.evaluate().items():
         print(f"{rundir.name} step {step} {split}: loss {loss:.4f} accuracy {acc:.4f}")
 
@@ -403,9 +403,10 @@ def features(
 ) -> None:
     """Extract a checkpoint's features on one split into RUN/features/<split>-step-<N>.npz
     (labels plus one float32 array per layer). tsne and ovr do this on demand."""
-    from cifarlab.analysis import extract_features, read_meta
+    from cifarlab.analysis import extract_features, note_other_images, read_meta
 
     path = extract_features(run, layers, split, checkpoint, data=data, device=device, progress=not quiet)
+    note_other_images(run, path, data)
     meta = read_meta(path)
     print(f"features of {split} ({meta['images']} images) from checkpoint step {meta['checkpoint']}: {path}")
     for name, dims in meta["dims"].items():

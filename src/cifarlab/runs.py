@@ -382,6 +382,14 @@ class RunDir:
         """The data_digest of the images the run trained on, as last.pt records it."""
         return self._saved("data_digest")
 
+    def other_images_note(self, digest: str | None, given: object) -> str | None:
+        """"GIVEN holds other images than RUN trained on" when `digest` is not that of the run's
+        images (None when it is, or when either is unknown): results on them mean something else."""
+        trained_on = self.trained_data_digest()
+        if not (trained_on and digest) or trained_on == digest:
+            return None
+        return f"{getattr(given, 'source', given)} holds other images than {self.name} trained on"
+
     def last_good_hint(self) -> str:
         steps = self.weight_steps()
         if not steps:
