@@ -13,6 +13,16 @@ def finish_or_die(conn, config: dict, path: str, resume: bool, threads) -> None:
     conn.close()
 
 
+def finish_or_be_interrupted(conn, config: dict, path: str, resume: bool, threads) -> None:
+    """Reports the run finished, except the run whose folder ends in "-ctrl-c": it reports what a
+    run's worker sends after Ctrl-C in its seventh step."""
+    if path.endswith("-ctrl-c"):
+        conn.send(("interrupted", "interrupted at step 7; progress saved. Continue with: cifarlab train ..."))
+    else:
+        conn.send(("finished", "trained"))
+    conn.close()
+
+
 def analyse_hang_or_die(conn, out: str, name: str, tsne_points: int, parent: int) -> None:
     """Stands in for reproduce's analysis worker, set up as the real one is: the run named "...-die"
     is killed; "...-hang" (or $CIFARLAB_TEST_HANG) starts a process of its own, writes both pids to OUT/NAME.pids and never

@@ -349,15 +349,23 @@ def test_ctrl_c_stops_reproduce_and_the_next_call_resumes(tmp_path, monkeypatch,
         return real_run(self, step)
 
     monkeypatch.setattr(engine.StepRunner, "run", run)
+    log = []
     with pytest.raises(CifarlabError, match="interrupted at step 7.*Run the same `cifarlab reproduce` again"):
-        reproduce(tmp_path / "out", data=data, only="study1", **quick)
+        reproduce(tmp_path / "out", data=data, only="study1", log=log.append, **quick)
+    assert log[-1] == f"  {'classifier-b128-dropout0.2':<26} interrupted at step 7"  # which run it was
     cut = tmp_path / "out" / "classifier-b128-dropout0.2"
     assert not (cut / "summary.json").exists() and (cut / "checkpoints" / "last.pt").is_file()
     assert not (tmp_path / "out" / "classifier-b128-dropout0.5").exists()  # nothing after the interrupted run
     # what the call did is on record for a report of the study so far: data, times, the run that ended
     cut_short = json.loads((tmp_path / "out" / "reproduce.json").read_text())
     assert cut_short["interrupted"] and cut_short["data"]["layout"] and cut_short["wall_seconds"] > 0
-    assert list(cut_short["runs"]) == ["classifier-b128"] and cut_short["runs"]["classifier-b128"]["note"] == "trained"
+    assert {name: (r["status"], r["note"]) for name, r in cut_short["runs"].items()} == {
+        "classifier-b128": ("finished", "trained"), "classifier-b128-dropout0.2": ("interrupted", "interrupted at step 7")}
+    from cifarlab.report import write_report
+
+    _, md = write_report(tmp_path / "out")  # the report of the study so far says what became of it
+    assert ("| classifier-b128-dropout0.2 | classifier | interrupted |  |  |  |  | unfinished: run the same "
+            "`cifarlab reproduce` again to resume it |") in md.read_text()
     monkeypatch.setattr(engine.StepRunner, "run", real_run)
     state = reproduce(tmp_path / "out", data=data, only="study1", **quick)
     assert state["runs"]["classifier-b128-dropout0.2"]["note"] == "resumed" and "interrupted" not in state
@@ -783,6 +791,23 @@ def test_runs_at_once_hand_each_finished_run_to_the_analysis_beside(tmp_path):
         ["finished", "failed", "finished"]
     assert background.finish() == {"siamese-exp1", "siamese-exp3"}  # not the failed run
     assert sorted(line for line in log if "analysed" in line) == ["  siamese-exp1 analysed", "  siamese-exp3 analysed"]
+
+
+def test_runs_at_once_record_and_log_the_run_ctrl_c_cut_short(tmp_path):
+    from dataclasses import replace
+
+    from cifarlab.reproduce import _execute_parallel
+    from fake_workers import finish_or_be_interrupted
+
+    runs = plan(tmp_path, ["study2"], 1.0)
+    runs[0] = replace(runs[0], path=runs[0].path.with_name(runs[0].name + "-ctrl-c"))
+    log = []
+    with pytest.raises(CifarlabError, match="interrupted; the runs that had started saved their progress") as caught:
+        _execute_parallel([(r, False) for r in runs], 2, False, log.append, worker=finish_or_be_interrupted)
+    records = caught.value.records
+    assert records["siamese-exp1"] == {"status": "interrupted", "note": "interrupted at step 7",
+                                       "steps": runs[0].config.steps}
+    assert f"  {'siamese-exp1':<26} interrupted at step 7" in log
 
 
 def test_analysis_when_is_checked(tmp_path):

@@ -297,6 +297,8 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
         try:
             train_one(run.config.to_dict(), str(run.path), resume, progress=progress, data=data)
         except TrainingInterrupted as err:  # Ctrl-C stops reproduce as a whole
+            records[run.name] = _record(run, "interrupted", _interrupted_note(str(err)))
+            log(f"  {run.name:<26} {records[run.name]['note']}")
             raise _interrupted(f"{err}. Run the same `cifarlab reproduce` again to go on", records) from None
         except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
             records[run.name] = _record(run, "failed", _one_line(err))
@@ -371,8 +373,11 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
                     status, note = finish(proc, receive, run)
                     if status == "interrupted":
                         interrupted = True
-                        continue
+                        note = _interrupted_note(note)
                     records[run.name] = _record(run, status, note)
+                    if status == "interrupted":
+                        log(f"  {run.name:<26} {note}")
+                        continue
                     if status == "failed":
                         log(f"  {run.name} failed: {note}")
                     elif background is not None and not interrupted:
@@ -391,6 +396,14 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
         raise _interrupted("interrupted; the runs that had started saved their progress. "
                            "Run the same `cifarlab reproduce` again to go on", records)
     return records
+
+
+def _interrupted_note(message: str) -> str:
+    """What reproduce.json and the log keep of a run's Ctrl-C: the engine's "interrupted at step N"
+    (or "interrupted twice at step N: stopped without saving"), without its resume command, which
+    for a run of reproduce is the same reproduce call."""
+    first = message.split(";")[0].strip()
+    return first if first.startswith("interrupted") else "interrupted before its training began"
 
 
 def _interrupted(message: str, records: dict[str, dict]):
