@@ -203,6 +203,28 @@ def test_runs_that_are_not_presets_are_named_not_silently_left_out(tmp_path):
     md = (tmp_path / "mine" / "report.md").read_text()
     assert "**Not in this report: my-ablation, in the same folder but none of the report's presets;" in md
     assert "Not in this report: my-ablation" in (tmp_path / "mine" / "report.html").read_text()
+    # what reproduce itself moved aside (a run begun anew) is not taken for a run of the user's
+    fake_run(tmp_path / "mine", "classifier-b64")
+    shutil.move(tmp_path / "mine" / "classifier-b64", tmp_path / "mine" / "classifier-b64.incomplete-20261203-120000")
+    write_report(tmp_path / "mine")
+    md = (tmp_path / "mine" / "report.md").read_text()
+    assert "**Not in this report: my-ablation, in the same folder" in md
+    assert "| set aside by reproduce | classifier-b64.incomplete-20261203-120000: attempts that had started" in md
+
+
+def test_the_settings_banner_names_the_flag_that_changed_a_setting(tmp_path):
+    from cifarlab.report import ReportData, settings_warning
+
+    for name in ("classifier-b128", "transfer-features"):
+        fake_run(tmp_path, name)
+    write_state(tmp_path)
+    config = tmp_path / "transfer-features" / "config.toml"
+    config.write_text(config.read_text().replace('backbone_weights = "imagenet"', 'backbone_weights = "none"', 1))
+    assert settings_warning(ReportData(tmp_path)).startswith(
+        "Some runs were trained with settings changed from the report's (`--backbone-weights`): transfer-features;")
+    config = tmp_path / "classifier-b128" / "config.toml"
+    config.write_text(config.read_text().replace("lr = 0.0001\n", "lr = 0.001\n", 1))
+    assert "(`--backbone-weights`, `--set`): classifier-b128, transfer-features;" in settings_warning(ReportData(tmp_path))
 
 
 def test_an_unfinished_run_names_the_call_that_goes_on_and_whether_it_resumes_or_starts_anew(tmp_path):

@@ -114,8 +114,10 @@ class ReportData:
         self.presets = {p.name: p for p in all_presets()}
         self.present = [n for n in self.presets if (self.root / n / "config.toml").is_file()]
         # runs of the user's own beside (or instead of) the presets: no table row is theirs
-        self.not_presets = sorted(p.parent.name for p in self.root.glob("*/config.toml")
-                                  if p.parent.name not in self.presets)
+        # (and apart from them, the attempts reproduce itself set aside: PRESET.incomplete-<time>)
+        others = sorted(p.parent.name for p in self.root.glob("*/config.toml") if p.parent.name not in self.presets)
+        self.set_aside = [n for n in others if n.partition(".incomplete-")[0] in self.presets and ".incomplete-" in n]
+        self.not_presets = [n for n in others if n not in self.set_aside]
         if not self.present and not self.state:
             if self.not_presets:
                 raise CifarlabError(
@@ -531,6 +533,9 @@ def environment(data: ReportData) -> list[tuple[str, str]]:
         source = f" ({d['source']})" if d.get("source") else ""
         info.append(("data", f"{d['layout']} layout{source}, {d['train']:,} train / "
                              f"{d['test']:,} test images; checksum: {d['checksum']}"))
+    if data.set_aside:
+        info.append(("set aside by reproduce", f"{_listed(data.set_aside)}: attempts that had started without a "
+                                               "checkpoint, moved aside when their runs began anew; in no table"))
     common, changed = data.common_changes()
     if common:
         info.append(("changed for every run", changed_settings(common)))
@@ -587,14 +592,24 @@ def changed_settings(overrides: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in overrides.items())
 
 
+# reproduce's flag for a setting it takes other than by --set
+FLAG_OF = {"backbone_weights": "--backbone-weights"}
+
+
+def _how_changed(keys) -> str:
+    return ", ".join(f"`{flag}`" for flag in sorted({FLAG_OF.get(key, "--set") for key in keys}))
+
+
 def settings_warning(data: ReportData) -> str | None:
     common, changed = data.common_changes()
     if common:
         return (f"Every run was trained with settings changed from the report's: {changed_settings(common)} "
-                f"(`--set`); numbers beside the seed's may differ for that reason.")
+                f"({_how_changed(common)}); numbers beside the seed's may differ for that reason.")
     if changed:
-        return (f"Some runs were trained with settings changed from the report's (`--set`): {', '.join(changed)}; "
-                f"their rows say which, and their numbers beside the seed's may differ for that reason.")
+        keys = {key for name in changed for key in data.changes(name)}
+        return (f"Some runs were trained with settings changed from the report's ({_how_changed(keys)}): "
+                f"{', '.join(changed)}; their rows say which, and their numbers beside the seed's may differ "
+                "for that reason.")
     return None
 
 
