@@ -111,3 +111,18 @@ def test_a_damaged_summary_is_shown_unfinished_with_a_warning_that_says_how_to_m
     (err,) = capsys.readouterr().err.splitlines()
     assert err.startswith(f"warning: {runs / 'study' / 'plain' / 'summary.json'} is unreadable")
     assert err.endswith(f"`cifarlab train classifier --resume {runs / 'study' / 'plain'}` writes it anew")
+
+
+def test_a_run_at_its_last_step_without_summary_json_is_not_called_unfinished(runs, capsys):
+    from conftest import run_cli
+
+    (runs / "study" / "plain" / "summary.json").unlink()  # deleted by hand, say
+    plain = next(row for row in compare_runs([runs / "study"])[1] if row["run"].endswith("plain"))
+    assert plain["step"] == plain["steps"] and not plain["finished"] and plain["summary_missing"]
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err == (f"warning: {runs / 'study' / 'plain' / 'summary.json'} is missing, though the run did all its "
+                   f"{plain['steps']} steps: shown as (no summary); "
+                   f"`cifarlab train classifier --resume {runs / 'study' / 'plain'}` writes it anew")
+    res = run_cli("compare", runs / "study")
+    line = next(line for line in res.stdout.splitlines() if line.split()[:1] == ["plain"])
+    assert f"{plain['steps']}/{plain['steps']} (no summary)" in line and "unfinished" not in line

@@ -360,7 +360,8 @@ def compare(
     if len(set(names)) < len(names):  # runs of the same name in several folders: say which folder
         names = [str(Path(*Path(row["run"]).parts[-2:])) for row in rows]
     for name, row in zip(names, rows):
-        step = f"{row['step']}/{row['steps']}" + ("" if row["finished"] else " (unfinished)")
+        step = f"{row['step']}/{row['steps']}" + ("" if row["finished"] else " (no summary)" if row["summary_missing"]
+                                                  else " (unfinished)")
         best = "-" if row["best_test_accuracy"] is None else f"{row['best_test_accuracy']:.4f} ({row['best_test_step']})"
         table.add_row(name, step, num(row["test_accuracy"], ".4f"), *[f"{row['baseline_accuracy']:.2f}"] * with_baseline, best,
                       num(row["test_loss"], ".4f"), num(row["ms_per_step"], ".2f"),

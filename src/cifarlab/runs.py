@@ -481,18 +481,24 @@ def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
     rows = []
     for run, cfg, own in zip(runs, configs, raw):
         summary = run.summary(cfg["steps"])
-        unreadable = (run.path / "summary.json").is_file() and not read_json(run.path / "summary.json")
-        if unreadable:
-            print(f"warning: {run.path / 'summary.json'} is unreadable (damaged?): shown as unfinished; "
-                  f"`cifarlab train {cfg['study']} --resume {shlex.quote(str(run.path))}` writes it anew", file=sys.stderr)
+        # the step reached: the last logged or saved one (Ctrl-C saves between evaluations)
+        step = max(run.metrics[-1]["step"] if run.metrics else 0, run.saved_step() or 0)
+        summary_file = run.path / "summary.json"
+        unreadable = summary_file.is_file() and not read_json(summary_file)
+        lost = not summary_file.exists() and step >= cfg["steps"]  # all steps done, its summary deleted
+        if unreadable or lost:
+            what = ("is unreadable (damaged?): shown as unfinished" if unreadable else
+                    f"is missing, though the run did all its {cfg['steps']} steps: shown as (no summary)")
+            print(f"warning: {summary_file} {what}; `cifarlab train {cfg['study']} --resume "
+                  f"{shlex.quote(str(run.path))}` writes it anew", file=sys.stderr)
         final, best = last_and_best_test(run.metrics)
         rows.append({
             "run": str(run.path),
             "study": cfg["study"],
-            # the step reached: the last logged or saved one (Ctrl-C saves between evaluations)
-            "step": max(run.metrics[-1]["step"] if run.metrics else 0, run.saved_step() or 0),
+            "step": step,
             "steps": cfg["steps"],
             "finished": bool(summary),
+            "summary_missing": lost,
             "test_accuracy": final and final["accuracy"],
             "best_test_accuracy": best and best["accuracy"],
             "best_test_step": best and best["step"],
