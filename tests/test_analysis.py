@@ -254,6 +254,11 @@ def test_cli_features_ovr_and_tsne(run_copy):
     res = runner.invoke(app, ["ovr", str(path), "--quiet"])  # default: the deepest layer, fc2
     assert res.exit_code == 0, res.output
     assert "fc2  " in res.output and "seed" in res.output and "linear-svm" in res.output
+    # --layer and --layers are one option on all three commands
+    res = runner.invoke(app, ["ovr", str(path), "--layers", "fc1", "--quiet"])
+    assert res.exit_code == 0 and "fc1  " in res.output and "fc2  " not in res.output, res.output
+    res = runner.invoke(app, ["features", str(path), "--layer", "flatten", "--quiet"])
+    assert res.exit_code == 0 and "4096-d" in res.output, res.output
     res = runner.invoke(app, ["tsne", str(path), "--layer", "fc2", "--perplexity", "10", "--max-points", "100",
                               "--quiet"])
     assert res.exit_code == 0, res.output

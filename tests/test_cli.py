@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,7 +87,9 @@ def test_plot_overlays_runs_with_labels(trained, tmp_path):
     assert out.stat().st_size > 10_000
     assert f"note: {run} given more than once" in res.stderr
     bad = run_cli("plot", run, "--out", out, "--labels", "a,b")
-    assert bad.returncode != 0 and "one per run" in bad.stderr
+    assert bad.returncode != 0 and "--labels has 2 names for 1 run; give one per run" in bad.stderr
+    one = run_cli("plot", run, run, "--out", out, "--labels", "a")
+    assert "--labels has 1 name for 2 runs;" in one.stderr
 
 
 def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
@@ -103,7 +106,7 @@ def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
     assert "baseline" not in res.stdout  # chance is plain for a classifier; the CSV has it
     assert first.split()[0] == run.name and first.split()[-1] == "0.0" and second.split()[-1] == "0.5"
     rows = (tmp_path / "cmp.csv").read_text().splitlines()
-    assert rows[0].startswith("run,study,step,steps,finished,test_accuracy") and len(rows) == 3
+    assert rows[0].startswith("run,study,step,steps,finished,summary_missing,test_accuracy") and len(rows) == 3
     assert ",baseline_accuracy," in rows[0] and ",0.1," in rows[1]
     config = (other / "config.toml").read_bytes()
     one_error_line(run_cli("compare", run, other, "--csv", other / "config.toml"), "give a file name ending in .csv")
@@ -361,13 +364,17 @@ def test_checkpoints_of_another_network_or_damaged_give_one_line(trained, tmp_pa
     weights, evaluate = run / "checkpoints" / "step-3.safetensors", ("eval", run, "--checkpoint", 3, "--data", data)
     save_file({"stages.fc1.linear.bias": torch.zeros(384), "stages.extra": torch.zeros(2)}, str(weights))
     one_error_line(run_cli(*evaluate), "step-3.safetensors: does not fit this run's network (9 missing entries, "
-                   "e.g. 'stages.flatten.conv1.weight'; 1 unexpected entries, e.g. 'stages.extra')", "use another --checkpoint")
+                   "e.g. 'stages.flatten.conv1.weight'; 1 unexpected entry, e.g. 'stages.extra')", "use another --checkpoint")
     save_file({"stages.fc1.linear.bias": torch.zeros(1)}, str(weights))
     one_error_line(run_cli(*evaluate), "(size mismatch for stages.fc1.linear.bias: copying a param with shape")
     last = run / "checkpoints" / "last.pt"
     resume = ("train", "classifier", "--resume", run, "--steps", 30, "--quiet")
-    last.write_bytes(os.urandom(3000))
-    one_error_line(run_cli(*resume), "last.pt: damaged or not a cifarlab training state")
+    last.write_bytes(last.read_bytes()[:3000])  # cut short, as by a full disk or an unfinished copy
+    one_error_line(run_cli(*resume), "last.pt: damaged or not a cifarlab training state (it cannot be read as a "
+                   "torch checkpoint: cut short, or another kind of file", "the last good checkpoint is ")
+    last.write_bytes(b"")
+    one_error_line(run_cli(*resume), "last.pt: damaged or not a cifarlab training state (the file is empty); the "
+                   "run cannot resume from it.", "to train on, train it anew: move ")
     torch.save(argparse.Namespace(step=3), last)  # an object torch's weights-only loader refuses
     res = run_cli(*resume)
     one_error_line(res, "last.pt: damaged or not a cifarlab training state (it holds objects other than tensors")
@@ -386,7 +393,9 @@ def test_output_paths_that_cannot_be_written_give_one_line(trained, tmp_path):
     csv_folder.mkdir()
     train = ("train", "classifier", "--data", data, "--steps", 1, "--batch-size", 8, "--device", "cpu", "--quiet")
     one_error_line(run_cli(*train, "--out", tmp_path / "a-file"), "a-file: is a file, not a run directory")
-    one_error_line(run_cli(*train, "--out", tmp_path / "a-file" / "run"), "a-file", "Not a directory")
+    one_error_line(run_cli(*train, "--out", tmp_path / "a-file" / "run"),
+                   f"error: {tmp_path / 'a-file' / 'run'}: {tmp_path / 'a-file'} is a file, not a folder; move it away, "
+                   "or give another path")
     one_error_line(run_cli("plot", run, "--out", tmp_path / "curves.txt"), "not an image file name", ".png")
     one_error_line(run_cli("plot", run, "--out", folder), "not an image file name")
     one_error_line(run_cli("compare", run, "--csv", folder), "give a file name ending in .csv")
@@ -396,6 +405,12 @@ def test_output_paths_that_cannot_be_written_give_one_line(trained, tmp_path):
     one_error_line(run_cli("compare", run, "--csv", tmp_path / "a-file" / "t.csv"), "a-file is a file, not a folder")
     assert (tmp_path / "a-file").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder", "table.csv"]
+    blocked = copy_of(run, tmp_path / "blocked")  # a file where a run's plots/ folder must be
+    shutil.rmtree(blocked / "plots")
+    (blocked / "plots").write_text("mine")
+    one_error_line(run_cli("ovr", blocked, "--quiet"), f"error: {blocked / 'plots'}: it is a file, not a folder; move "
+                   "it away, or give another path")
+    assert (blocked / "plots").read_text() == "mine"
     assert not any(folder.iterdir()) and not any(csv_folder.iterdir())
 
 

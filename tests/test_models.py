@@ -86,3 +86,11 @@ def test_pool_then_relu_equals_the_reports_relu_then_pool_with_gradients():
     g_ours = torch.autograd.grad(ours.square().sum(), trunk.conv1.weight)[0]
     g_ref = torch.autograd.grad(ref.square().sum(), trunk.conv1.weight)[0]
     assert torch.allclose(g_ours, g_ref, atol=1e-6)
+
+
+def test_counts_in_messages_agree_with_their_number():
+    from cifarlab import counted
+
+    assert [counted(1, "step"), counted(2, "step"), counted(15000, "step", ","), counted(0, "run")] == \
+        ["1 step", "2 steps", "15,000 steps", "0 runs"]
+    assert counted(1, "pass") == "1 pass" and counted(3, "pass") == "3 passes"

@@ -245,3 +245,12 @@ def test_an_unfinished_run_names_the_call_that_goes_on_and_whether_it_resumes_or
     write_state(tmp_path)  # a reproduce.json that does not say the command
     write_report(tmp_path)
     assert "run the same `cifarlab reproduce` again to resume it" in (tmp_path / "report.md").read_text()
+
+
+def test_a_missing_ovr_names_the_command_that_makes_it_for_that_run(tmp_path):
+    from cifarlab.report import REFERENCE_RUN
+
+    fake_run(tmp_path, REFERENCE_RUN)  # finished, no analysis yet
+    write_state(tmp_path)
+    write_report(tmp_path)
+    assert f"no OvR yet: `cifarlab ovr {tmp_path / REFERENCE_RUN} --layer all`" in (tmp_path / "report.md").read_text()

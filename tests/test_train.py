@@ -40,7 +40,10 @@ def test_run_directory_has_every_artifact(tmp_path):
     run, summary = train(cfg, out=str(tmp_path / "run"), progress=False, data=synthetic_cifar())
     p = run.path
     assert load_config(p / "config.toml") == cfg
-    assert "cifarlab_version" in (p / "config.toml").read_text()
+    text = (p / "config.toml").read_text()
+    assert "cifarlab_version" in text and "weight_decay = 0.005" in text
+    # only what its study reads: no Siamese margin or transfer backbone in a classifier's config
+    assert "margin" not in text and "backbone" not in text and "val_tuples" not in text
     rows = metric_values(p)
     assert [(s, split) for s, split, *_ in rows] == [("10", "train"), ("10", "test"), ("20", "train"), ("20", "test")]
     assert sorted(x.name for x in (p / "checkpoints").iterdir()) == ["last.pt", "step-20.safetensors"]
@@ -432,6 +435,17 @@ def test_validation_split_is_evaluated_beside_test(tmp_path):
     run, _ = train(small_cfg(steps=10, val_fraction=0.2), out=str(tmp_path / "run"), progress=False,
                    data=synthetic_cifar())
     assert [split for _, split, *_ in metric_values(run.path)] == ["train", "val", "test"]
+
+
+def test_settings_a_study_does_not_read_do_not_make_another_run():
+    from cifarlab.config import identity_differences
+
+    classifier = Config()
+    assert identity_differences(classifier, classifier.replace(margin=2.0, backbone="efficientnet-lite0")) == []
+    assert identity_differences(classifier, classifier.replace(weight_decay=0.01)) == ["weight_decay"]
+    siamese = Config.for_study("siamese")
+    assert identity_differences(siamese, siamese.replace(margin=2.0, weight_decay=0.1)) == ["margin"]
+    assert "study" in identity_differences(classifier, siamese)
 
 
 def test_bad_config_values_are_refused():

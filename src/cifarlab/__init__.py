@@ -3,5 +3,10 @@
 __version__ = "0.1.0"
 
 
+def counted(n: int, noun: str, fmt: str = "") -> str:
+    """'1 step', '2 steps' (fmt "," gives '15,000 steps'): messages count things of one and of many."""
+    return f"{n:{fmt}} {noun}{'' if n == 1 else 'es' if noun.endswith(('s', 'sh', 'ch')) else 's'}"
+
+
 class CifarlabError(Exception):
     """An error the user can act on; the CLI prints it as one line and exits non-zero."""

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from cifarlab import CifarlabError
+from cifarlab import CifarlabError, counted
 
 # rich_markup_mode=None: help texts are plain text, so "[default: 15000; ...]" and
 # "cifarlab[lite0]" show as written instead of being taken for markup tags and dropped
@@ -238,7 +238,7 @@ def presets() -> None:
 
 
 def _print_run_result(run, summary: dict, trained: bool = True) -> None:
-    line = f"{'finished' if trained else 'already finished (nothing to train)'} {run.name}: {summary['steps']} steps"
+    line = f"{'finished' if trained else 'already finished (nothing to train)'} {run.name}: {counted(summary['steps'], 'step')}"
     if summary["final_test_accuracy"] is not None:
         # a Siamese run's accuracy is that of the rule "same class iff the distance is small", on pairs
         from cifarlab.config import baseline_accuracy
@@ -303,7 +303,7 @@ def plot(
                             f"{', '.join('.' + f for f in image_formats())}")
     names = [label.strip() for label in labels.split(",")] if labels else [Path(r).name for r in runs]
     if len(names) != len(runs):
-        raise CifarlabError(f"--labels has {len(names)} names for {len(runs)} runs; give one per run")
+        raise CifarlabError(f"--labels has {counted(len(names), 'name')} for {counted(len(runs), 'run')}; give one per run")
     twice = sorted({str(r) for r in runs if sum(Path(x).resolve() == Path(r).resolve() for x in runs) > 1})
     if twice:
         print(f"note: {', '.join(twice)} given more than once: its curves are drawn over each other",
@@ -385,8 +385,9 @@ CheckpointOpt = Annotated[Optional[int], typer.Option(
     help="Step of the checkpoint whose features to use. [default: latest]")]
 AnalysisDeviceOpt = Annotated[Optional[str], typer.Option(
     help="Where to extract features: auto, cpu or cuda. [default: the run's]")]
+# --layer and --layers both, on features, tsne and ovr alike: each names one layer or several
 LayerOpt = Annotated[Optional[str], typer.Option(
-    help="A layer name (e.g. fc2), several comma-separated, or 'all' (every layer but logits). "
+    "--layer", "--layers", help="A layer name (e.g. fc2), several comma-separated, or 'all' (every layer but logits). "
     "[default: the deepest layer before logits]")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
@@ -395,7 +396,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 def features(
     run: RunArg,
     layers: Annotated[Optional[str], typer.Option(
-        help="Comma-separated layer names. [default: every layer but logits, e.g. flatten,fc1,fc2]")] = None,
+        "--layers", "--layer", help="Comma-separated layer names. [default: every layer but logits, e.g. flatten,fc1,fc2]")] = None,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     checkpoint: CheckpointOpt = None,
     data: DataOpt = None,
@@ -485,7 +486,9 @@ def reproduce_cmd(
         help="Backbone of the study-3 runs: vgg16 (the report's) or efficientnet-lite0 (its weights ship in "
         "cifarlab[lite0]). [default: vgg16]")] = None,
     backbone_weights: Annotated[Optional[str], typer.Option(
-        help="Weights of the study-3 backbone: imagenet or a file. [default: imagenet]")] = None,
+        help="Weights of the study-3 backbone: imagenet (VGG-16's downloaded and hash-checked; Lite0's ship in "
+        "cifarlab[lite0]), a weights file (.pth, or the seed's vgg16_weights.npz), or none (random: the runs show "
+        "what the pretraining adds). [default: imagenet]")] = None,
     tsne_points: Annotated[int, typer.Option(help="Points per t-SNE figure.")] = 10000,
     analysis: Annotated[str, typer.Option(
         help="When the OvR and t-SNE analysis runs: during (each finished run's, in a process of its own while "
@@ -571,6 +574,7 @@ def main() -> None:
             print("interrupted", file=sys.stderr)
         raise
     except OSError as err:  # a path the user gave that cannot be written or read (a file for a folder, ...)
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        from cifarlab.fileio import os_error_line
+
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
         sys.exit(2)

@@ -143,6 +143,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def study_settings(self) -> dict[str, Any]:
+        """The settings its study reads (a classifier run has no margin): what config.toml shows.
+        Reading it back fills the others with their defaults."""
+        return {key: value for key, value in self.to_dict().items() if self.study in READ_BY.get(key, (self.study,))}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":
         known = {f.name: f for f in fields(cls)}
@@ -218,8 +223,10 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def identity_differences(a: Config, b: Config) -> list[str]:
-    """The settings in which two configs are different runs (not where or how they run, nor how long)."""
-    return [f.name for f in fields(Config) if f.name not in NOT_IDENTITY and getattr(a, f.name) != getattr(b, f.name)]
+    """The settings in which two configs are different runs (not where or how they run, nor how long,
+    nor what neither's study reads: a classifier run's margin)."""
+    return [f.name for f in fields(Config) if f.name not in NOT_IDENTITY and getattr(a, f.name) != getattr(b, f.name)
+            and {a.study, b.study} & set(READ_BY.get(f.name, (a.study, b.study)))]
 
 
 def embeds_anchor_once(cfg: Config) -> bool:

@@ -132,10 +132,29 @@ def why_unwritable(path: str | os.PathLike, err: OSError) -> str:
     path = Path(path)
     if path.is_dir():
         return "it is a folder"
+    if err.errno == errno.EEXIST and path.exists():  # mkdir of a folder whose name a file has
+        return "it is a file, not a folder"
     for parent in path.parents:
         if parent.exists():
             return f"{parent} is a file, not a folder" if not parent.is_dir() else (err.strerror or str(err))
     return err.strerror or str(err)
+
+
+def os_error_line(err: OSError) -> str:
+    """An OSError that reached the command line, as one line: the path, why in the user's terms,
+    and what to do."""
+    if not err.filename:
+        return str(err.strerror or err)
+    why = why_unwritable(err.filename, err)
+    if err.errno == errno.ENOSPC:
+        todo = "free some space and run it again"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        todo = "no permission there: give another path, or change its permissions"
+    elif "not a folder" in why or why == "it is a folder":
+        todo = "move it away, or give another path"
+    else:
+        todo = "check the path"
+    return f"{err.filename}: {why}; {todo}"
 
 
 @contextlib.contextmanager

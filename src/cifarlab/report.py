@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cifarlab import CifarlabError, __version__
+from cifarlab import CifarlabError, __version__, counted
 from cifarlab.config import NOT_COMPARED, NOT_IDENTITY, READ_BY, Config, baseline_accuracy
 from cifarlab.fileio import read_json, write_text
 from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
@@ -220,7 +221,7 @@ class ReportData:
         """Why a run has no OvR number: no run, a failed analysis, or none made yet."""
         if not self.summary(name):
             return self.why_missing(name)
-        return self.analysis_problem(name) or f"no OvR yet: `cifarlab ovr RUN --layer {layers}`"
+        return self.analysis_problem(name) or f"no OvR yet: `cifarlab ovr {shlex.quote(str(self.root / name))} --layer {layers}`"
 
     def step_scales(self) -> dict[str, tuple[float, int, int]]:
         """Per study: (scale, our steps, the report's steps) from the runs' own configs, since
@@ -274,7 +275,7 @@ _SAID_ELSEWHERE = {*NOT_COMPARED, "study", "steps", "eval_every", "checkpoint_ev
 def _steps_note(summary: dict, refine_after: int | None = None) -> str:
     """'N steps' (or the step K refining began at: scaled with the steps, it says which K a run
     had) and the best test accuracy."""
-    note = f"{summary['steps']:,} steps"
+    note = counted(summary['steps'], "step", ",")
     if refine_after is not None and 0 <= refine_after < summary["steps"]:
         note = f"refined from step {refine_after:,} of {summary['steps']:,}"
     if summary.get("best_test_accuracy") is not None:
@@ -346,7 +347,7 @@ def build_tables(data: ReportData) -> list[Table]:
         s = data.summary(p.name)
         res = data.ovr(p.name, "embedding") if s else None
         if res:
-            note = f"{s['steps']:,} steps"
+            note = counted(s['steps'], "step", ",")
             if s.get("best_test_accuracy") is not None:
                 cfg = data.config(p.name)
                 baseline, rule = baseline_accuracy("siamese", cfg.get("fraction_same", Config.fraction_same),

@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifarlab import CifarlabError, __version__
+from cifarlab import CifarlabError, __version__, counted
 from cifarlab.config import WHERE_AND_HOW, Config, identity_differences, images_per_step, load_config
 from cifarlab.fileio import read_json, write_json
 from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
@@ -282,7 +282,7 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
             moved = _move_aside(run.path)
             log(f"  {run.name:<26} had started without a checkpoint; moved to {moved.name}, starting anew")
         todo.append((run, state == "resume"))
-        log(f"  {run.name:<26} {'resume' if state == 'resume' else 'train'} ({run.config.steps} steps)")
+        log(f"  {run.name:<26} {'resume' if state == 'resume' else 'train'} ({counted(run.config.steps, 'step')})")
     if not todo:
         return records
     jobs = max(1, min(jobs, len(todo)))

@@ -108,7 +108,7 @@ def load_state(target, state: dict, path: Path, what_to_do: str) -> None:
     except (RuntimeError, KeyError, ValueError, TypeError) as err:  # TypeError: not a dict at all
         mismatch = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
         refuse(mismatch[0][:200] if mismatch else _first_line(err))
-    problems = [f"{len(keys)} {what} entries, e.g. {keys[0]!r}" for what, keys in
+    problems = [f"{len(keys)} {what} {'entry' if len(keys) == 1 else 'entries'}, e.g. {keys[0]!r}" for what, keys in
                 (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
     if problems:
         refuse("; ".join(problems))
@@ -237,7 +237,7 @@ class RunDir:
         }
         if resumed:
             about["resumed"] = now
-        text = to_toml(cfg.to_dict(), about)
+        text = to_toml(cfg.study_settings(), about)
         claiming = self._claim is not None
         self.materialise()
         try:
@@ -354,11 +354,14 @@ class RunDir:
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except Exception as err:  # noqa: BLE001 - a damaged file raises many types
-            # torch's weights-only refusal begins with advice to unpickle the file unchecked: not ours to give
+            # torch's reasons speak of its internals (a zip directory, a pickle opcode): say what they mean
+            # (its weights-only refusal begins with advice to unpickle the file unchecked: not ours to give)
             why = ("it holds objects other than tensors and plain values" if "Weights only load failed" in str(err)
-                   else _first_line(err))
-            raise CifarlabError(f"{path}: damaged or not a cifarlab training state ({why}); "
-                                "resume is not possible from it: train the run anew") from None
+                   else "the file is empty" if path.stat().st_size == 0
+                   else f"it cannot be read as a torch checkpoint: cut short, or another kind of file ({type(err).__name__})")
+            raise CifarlabError(f"{path}: damaged or not a cifarlab training state ({why}); the run cannot resume "
+                                f"from it. Its weights still serve eval and analysis ({self.last_good_hint().rstrip('.')}); to "
+                                f"train on, train it anew: move {self.path} away, or give another --out") from None
         missing = [key for key in TRAINING_STATE_KEYS if not isinstance(state, dict) or key not in state]
         if missing:
             raise CifarlabError(f"{path}: not a cifarlab training state (no {missing[0]!r}); "
