@@ -3,9 +3,12 @@
 __version__ = "0.1.0"
 
 
-def counted(n: int, noun: str, fmt: str = "") -> str:
-    """'1 step', '2 steps' (fmt "," gives '15,000 steps'): messages count things of one and of many."""
-    return f"{n:{fmt}} {noun}{'' if n == 1 else 'es' if noun.endswith(('s', 'sh', 'ch')) else 's'}"
+def counted(n: int, noun: str, fmt: str = "", plural: str | None = None) -> str:
+    """'1 step', '2 steps' (fmt "," gives '15,000 steps'; `plural` for 'entries'): messages count
+    things of one and of many."""
+    if n == 1:
+        return f"{n:{fmt}} {noun}"
+    return f"{n:{fmt}} {plural or noun + ('es' if noun.endswith(('s', 'sh', 'ch')) else 's')}"
 
 
 class CifarlabError(Exception):

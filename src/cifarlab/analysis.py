@@ -66,6 +66,7 @@ class Features:
     layer_names: tuple[str, ...]  # every stage of the run's network
     path: Path
     data: str = ""  # data_key of the images they were computed on
+    data_digest: str | None = None  # data_digest of those images (files before it: None)
 
 
 # -- layers, checkpoints, paths -----------------------------------------------------------------
@@ -217,12 +218,12 @@ def extract_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str
     return path
 
 
-def note_other_images(run: RunDir | str | os.PathLike, features_file: Path, given) -> None:
-    """Say so when `given` (a --data) holds other images than the run trained on: the features in
-    `features_file`, and the t-SNE and OvR results made from them, are of those images and replace
-    the run's own."""
+def note_other_images(run: RunDir | str | os.PathLike, digest: str | None, given) -> None:
+    """Say so when `given` (a --data) holds other images than the run trained on: features of
+    images of that `digest`, and the t-SNE and OvR results made from them, are of those images
+    and replace the run's own."""
     run = _open(run)
-    note = run.other_images_note((read_meta(features_file) or {}).get("data_digest"), given) if given is not None else None
+    note = run.other_images_note(digest, given) if given is not None else None
     if note:
         print(f"note: {note}; the features and the t-SNE/OvR results made from them are of those images "
               f"and replace {run.name}'s own (analyse again without --data to have those back)", file=sys.stderr)
@@ -295,7 +296,7 @@ def load_features(run: RunDir | str | os.PathLike, layers: str | Sequence[str] |
         labels = z["labels"]
     return Features(labels=labels, layers=arrays, classes=tuple(meta["classes"]), split=split,
                     checkpoint=int(meta["checkpoint"]), layer_names=tuple(meta["layer_names"]), path=path,
-                    data=meta.get("data", ""))
+                    data=meta.get("data", ""), data_digest=meta.get("data_digest"))
 
 
 # -- t-SNE --------------------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def run_tsne(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None
     run = _open(run)
     feats = load_features(run, layers, split, checkpoint, default="last", data=data, device=device,
                           progress=progress)
-    note_other_images(run, feats.path, data)
+    note_other_images(run, feats.data_digest, data)
     rows = sample_indices(len(feats.labels), max_points, seed)
     labels = feats.labels[rows]
     perplexity = effective_perplexity(perplexity, len(rows))  # record what openTSNE will use
@@ -518,7 +519,7 @@ def run_ovr(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None 
     common = dict(checkpoint=checkpoint, default="last", data=data, device=device, progress=progress)
     test = load_features(run, layers, "test", **common)
     train = load_features(run, layers, "train", **common) if protocol == "split" else None
-    note_other_images(run, test.path, data)
+    note_other_images(run, test.data_digest, data)
     rows = []
     for name, x in test.layers.items():
         if protocol == "seed":

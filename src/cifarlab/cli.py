@@ -408,8 +408,8 @@ def features(
     from cifarlab.analysis import extract_features, note_other_images, read_meta
 
     path = extract_features(run, layers, split, checkpoint, data=data, device=device, progress=not quiet)
-    note_other_images(run, path, data)
     meta = read_meta(path)
+    note_other_images(run, meta["data_digest"], data)
     print(f"features of {split} ({meta['images']} images) from checkpoint step {meta['checkpoint']}: {path}")
     for name, dims in meta["dims"].items():
         print(f"  {name:<12} {dims:>6}-d")

@@ -24,6 +24,11 @@ READ_BY = {
     **{key: ("siamese",) for key in ("loss", "margin", "sampler", "fraction_same", "val_tuples")},
     **{key: ("transfer",) for key in ("backbone", "backbone_weights", "refine_after", "input_size", "feature_cache")},
 }
+def study_reads(study: str, key: str) -> bool:
+    """Whether runs of `study` read setting `key` (a classifier run has no margin)."""
+    return study in READ_BY.get(key, STUDIES)
+
+
 # Settings that say where and how a run runs, not what it is: a resumed run runs under the
 # resuming call's. With `steps` and `distributed`, they may differ without making it another run.
 WHERE_AND_HOW = ("data", "device", "tensorboard", "cuda_graph", "compile")
@@ -146,7 +151,7 @@ class Config:
     def study_settings(self) -> dict[str, Any]:
         """The settings its study reads (a classifier run has no margin): what config.toml shows.
         Reading it back fills the others with their defaults."""
-        return {key: value for key, value in self.to_dict().items() if self.study in READ_BY.get(key, (self.study,))}
+        return {key: value for key, value in self.to_dict().items() if study_reads(self.study, key)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":
@@ -226,7 +231,7 @@ def identity_differences(a: Config, b: Config) -> list[str]:
     """The settings in which two configs are different runs (not where or how they run, nor how long,
     nor what neither's study reads: a classifier run's margin)."""
     return [f.name for f in fields(Config) if f.name not in NOT_IDENTITY and getattr(a, f.name) != getattr(b, f.name)
-            and {a.study, b.study} & set(READ_BY.get(f.name, (a.study, b.study)))]
+            and (study_reads(a.study, f.name) or study_reads(b.study, f.name))]
 
 
 def embeds_anchor_once(cfg: Config) -> bool:

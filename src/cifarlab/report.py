@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarlab import CifarlabError, __version__, counted
-from cifarlab.config import NOT_COMPARED, NOT_IDENTITY, READ_BY, Config, baseline_accuracy
+from cifarlab.config import NOT_COMPARED, NOT_IDENTITY, Config, baseline_accuracy, study_reads
 from cifarlab.fileio import read_json, write_text
 from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
 from cifarlab.reproduce import GROUPS
@@ -242,7 +242,7 @@ class ReportData:
         study = self.presets[name].study
         return {key: (cfg[key], value) for key, value in preset.items()
                 if key not in _SAID_ELSEWHERE and key in cfg and cfg[key] != value
-                and study in READ_BY.get(key, (study,))}  # not val_tuples of a ConvNet run, say
+                and study_reads(study, key)}  # not val_tuples of a ConvNet run, say
 
     def common_changes(self) -> tuple[dict, list[str]]:
         """(the changed settings every run here shares, with their value; the runs changed at all).

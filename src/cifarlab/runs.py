@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cifarlab import CifarlabError, __version__
-from cifarlab.config import NOT_COMPARED, READ_BY, STUDIES, Config, baseline_accuracy, load_config, read_toml, to_toml
+from cifarlab import CifarlabError, __version__, counted
+from cifarlab.config import NOT_COMPARED, Config, study_reads, baseline_accuracy, load_config, read_toml, to_toml
 from cifarlab.fileio import read_json, write_json, write_text, write_with
 
 METRIC_FIELDS = ("step", "split", "loss", "accuracy", "seconds")
@@ -108,7 +108,7 @@ def load_state(target, state: dict, path: Path, what_to_do: str) -> None:
     except (RuntimeError, KeyError, ValueError, TypeError) as err:  # TypeError: not a dict at all
         mismatch = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
         refuse(mismatch[0][:200] if mismatch else _first_line(err))
-    problems = [f"{len(keys)} {what} {'entry' if len(keys) == 1 else 'entries'}, e.g. {keys[0]!r}" for what, keys in
+    problems = [f"{counted(len(keys), what + ' entry', plural=what + ' entries')}, e.g. {keys[0]!r}" for what, keys in
                 (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
     if problems:
         refuse("; ".join(problems))
@@ -476,7 +476,7 @@ def compare_runs(paths: list[str | Path]) -> tuple[list[str], list[dict]]:
         runs.append(run)
         raw.append(cfg)
         # a setting a run's study does not read is None for it, and does not count as a difference
-        configs.append({key: (value if cfg["study"] in READ_BY.get(key, STUDIES) else None) for key, value in cfg.items()})
+        configs.append({key: (value if study_reads(cfg["study"], key) else None) for key, value in cfg.items()})
     if not runs:
         raise CifarlabError(f"no readable run in {', '.join(map(str, paths))}; see the warnings")
     differing = [key for key in configs[0] if key not in NOT_COMPARED
