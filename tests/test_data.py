@@ -947,6 +947,21 @@ def test_failed_writes_name_the_users_file_and_leave_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
 
 
+def test_an_os_error_at_the_command_line_says_why_and_what_to_do_once(tmp_path):
+    """The line main prints for an OSError: the path, the reason in the user's terms, one remedy."""
+    import errno
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    denied = fileio.os_error_line(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "runs")))
+    assert denied == f"{tmp_path / 'runs'}: Permission denied; give another path, or change its permissions"
+    full = fileio.os_error_line(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.pt")))
+    assert full == f"{tmp_path / 'x.pt'}: No space left on device; free some space and run it again"
+    blocked = fileio.os_error_line(NotADirectoryError(errno.ENOTDIR, "Not a directory", str(blocker / "run")))
+    assert blocked == f"{blocker / 'run'}: {blocker} is a file, not a folder; move it away, or give another path"
+    assert fileio.os_error_line(OSError(errno.EIO, "Input/output error")) == "Input/output error"
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names open files through /proc")
 def test_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     """The temporary file is fsynced with what the writer put in it before it takes the real name

@@ -149,7 +149,7 @@ def os_error_line(err: OSError) -> str:
     if err.errno == errno.ENOSPC:
         todo = "free some space and run it again"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        todo = "no permission there: give another path, or change its permissions"
+        todo = "give another path, or change its permissions"
     elif "not a folder" in why or why == "it is a folder":
         todo = "move it away, or give another path"
     else:
