@@ -154,7 +154,7 @@ def test_the_environment_says_a_reproduce_call_was_interrupted_and_what_its_time
                                              "interrupted": True})
     write_report(tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert ("75.5 s, 1 job(s) at a time: 3.2 s loading the data; interrupted at 2026-12-02T15:00:00: "
+    assert ("75.5 s, 1 job at a time: 3.2 s loading the data; interrupted at 2026-12-02T15:00:00: "
             "run it again to go on") in md
 
 

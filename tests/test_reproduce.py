@@ -1,6 +1,7 @@
 """`cifarlab reproduce` and `cifarlab report` on tiny image folders: planning, skipping, resuming,
 parallel runs, the report's tables and figures, and the page in a real (headless) browser."""
 
+import contextlib
 import json
 import os
 import re
@@ -808,6 +809,67 @@ def test_runs_at_once_record_and_log_the_run_ctrl_c_cut_short(tmp_path):
     assert records["siamese-exp1"] == {"status": "interrupted", "note": "interrupted at step 7",
                                        "steps": runs[0].config.steps}
     assert f"  {'siamese-exp1':<26} interrupted at step 7" in log
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """The multiprocessing workers among a process's children (not its resource tracker)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                children.append(int(child))
+    return children
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_runs_at_once_save_and_stop_on_sigterm_and_when_the_main_process_is_killed(tmp_path, how):
+    """`kill` (or a job scheduler's time limit) sends the main process SIGTERM: it passes it on,
+    and the runs save and stop as on Ctrl-C. Killed outright, the main process cannot: its runs
+    see it gone and do the same, rather than train on unwatched."""
+    import signal
+    import sys
+    import time
+
+    data, out = make_image_folders(tmp_path / "data", 4), tmp_path / "out"
+    settings = {"batch_size": 4, "steps": 1_000_000, "eval_every": 500_000, "checkpoint_every": 20,
+                "tensorboard": False}
+    script = ("import json\nfrom pathlib import Path\nimport cifarlab.reproduce as rep\n"
+              f"runs = rep.plan(Path({str(out)!r}), ['study1'], 1.0, None, {str(data)!r}, 'cpu', None, None, "
+              f"{settings!r})[:2]\n"
+              "try:\n    rep._execute_parallel([(r, False) for r in runs], 2, False, print)\n"
+              "except rep.CifarlabError as err:\n    print(json.dumps({'message': str(err), 'records': err.records}))\n")
+    main = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    names = ("classifier-b128", "classifier-b128-dropout0.2")
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not all((out / n / "checkpoints" / "last.pt").exists() for n in names) and time.monotonic() < deadline:
+            assert main.poll() is None, "the main process ended before its runs trained"
+            time.sleep(0.2)
+        workers = _spawned_children(main.pid)
+        assert len(workers) == 2
+        main.send_signal(getattr(signal, how))
+        printed, _ = main.communicate(timeout=120)
+        assert _gone(workers, timeout=60)
+    finally:  # a failure leaves no million-step run behind
+        main.kill()
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    steps = {n: torch_step(out / n / "checkpoints" / "last.pt") for n in names}
+    if how == "SIGTERM":
+        said = json.loads(printed.splitlines()[-1])
+        assert said["message"].startswith("interrupted; the runs that had started saved their progress")
+        assert {n: r["note"] for n, r in said["records"].items()} == {n: f"interrupted at step {steps[n]}" for n in names}
+    for run in plan(out, ["study1"], 1.0, None, str(data), "cpu", None, None, settings)[:2]:
+        assert run_state(run) == "resume"
+
+
+def torch_step(checkpoint: Path) -> int:
+    import torch
+
+    return torch.load(checkpoint, weights_only=True)["step"]
 
 
 def test_analysis_when_is_checked(tmp_path):

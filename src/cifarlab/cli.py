@@ -510,7 +510,7 @@ def reproduce_cmd(
                       analysis=analysis)
     failed, unanalysed = state["failed"], state["unanalysed"]
     print(f"done in {state['wall_seconds']:.1f} s: {state['report']['html']}  {state['report']['md']}")
-    problems = [f"{len(failed)} run(s) failed: {', '.join(failed)}"] * bool(failed) + \
+    problems = [f"{counted(len(failed), 'run')} failed: {', '.join(failed)}"] * bool(failed) + \
                [f"the analysis of {', '.join(unanalysed)} failed"] * bool(unanalysed)
     if problems:
         raise CifarlabError(f"{'; '.join(problems)} (the report says why)")

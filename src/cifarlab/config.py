@@ -158,7 +158,7 @@ class Config:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise CifarlabError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+            raise CifarlabError(f"{source}: unknown {'setting' if len(unknown) == 1 else 'settings'} {', '.join(unknown)}")
         typed = {}
         for name, value in values.items():
             kind = type(getattr(cls(), name))

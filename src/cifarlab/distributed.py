@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cifarlab import CifarlabError
+from cifarlab import CifarlabError, counted
 from cifarlab.config import Config
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -171,7 +171,7 @@ def _rank_device(requested: str, local_rank: int) -> str:
         )
     if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
         raise CifarlabError(
-            f"LOCAL_RANK {local_rank} but torch sees {torch.cuda.device_count()} GPU(s); "
+            f"LOCAL_RANK {local_rank} but torch sees {counted(torch.cuda.device_count(), 'GPU')}; "
             f"start at most that many processes per node"
         )
     return f"cuda:{local_rank}"

@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from cifarlab import CifarlabError
+from cifarlab import CifarlabError, counted
 from cifarlab.config import Config, is_device_name
 from cifarlab.distributed import Solo
 from cifarlab.runs import RunDir, load_state
@@ -67,8 +67,9 @@ def check_device(name: str) -> None:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CifarlabError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise CifarlabError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s), "
-                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        count = torch.cuda.device_count()
+        raise CifarlabError(f"--device {name}: torch sees {counted(count, 'GPU')} "
+                            f"({'cuda:0' if count == 1 else f'cuda:0 to cuda:{count - 1}'})")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -369,7 +370,8 @@ def _first_cause(err: BaseException) -> str:
 class _InterruptFlag:
     """First Ctrl-C asks the loop to stop at the next step boundary; a second one aborts, unless
     it comes while the save the first asked for is being written (it lets that finish; a third
-    aborts that too).
+    aborts that too). SIGTERM (`kill`, a job scheduler's time limit) asks what a first Ctrl-C
+    does, however often it comes: a scheduler may send it to every process of the job, and again.
 
     Off under --distributed: the ranks would see it at different steps, and torchrun stops
     every process on Ctrl-C anyway (resume from the last checkpoint).
@@ -381,7 +383,7 @@ class _InterruptFlag:
         # third does not (a save that hangs on a stalled disk)
         self.saving = False
         self.enabled = enabled
-        self._previous = None
+        self._previous = {}
 
     @property
     def set(self) -> bool:
@@ -390,9 +392,10 @@ class _InterruptFlag:
     def __enter__(self):
         # A process started with Ctrl-C ignored (nohup, a job a script put in the background)
         # keeps it ignored, as Python itself does.
-        if (self.enabled and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for signum, handler in ((signal.SIGINT, self._handle), (signal.SIGTERM, self._handle_term)):
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, handler)
         return self
 
     def _handle(self, signum, frame):
@@ -400,9 +403,13 @@ class _InterruptFlag:
         if self.presses >= (3 if self.saving else 2):
             raise KeyboardInterrupt
 
+    def _handle_term(self, signum, frame):
+        self.presses = max(self.presses, 1)
+
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)  # None: not set from Python
+        self._previous = {}
 
 
 def start_after_older_event_files(tb: Path, most: float = 2.0) -> None:

@@ -558,7 +558,7 @@ def environment(data: ReportData) -> list[tuple[str, str]]:
         split = f": {', '.join(parts)}" if parts else ""
         ended = (f"interrupted at {state.get('finished_at', '')}: run it again to go on" if state.get("interrupted")
                  else f"finished {state.get('finished_at', '')}")
-        info.append(("last reproduce call", f"{state['wall_seconds']:,.1f} s, {state.get('jobs', 1)} job(s) at a "
+        info.append(("last reproduce call", f"{state['wall_seconds']:,.1f} s, {counted(state.get('jobs', 1), 'job')} at a "
                                             f"time{split}; {ended}"))
     info.append(("report written", dt.datetime.now().isoformat(timespec="seconds")))
     return info

@@ -8,6 +8,7 @@ DIR/reproduce.json, which `cifarlab report` reads beside the runs themselves.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import os
@@ -192,13 +193,34 @@ def train_one(config: dict, path: str, resume: bool, threads: int | None = None,
     return summary
 
 
+def when_the_parent_dies(parent: int, then) -> None:
+    """Call `then()` (from a thread) once this process's parent, pid `parent`, has died: a process
+    killed outright (SIGKILL, the out-of-memory killer) cannot stop the processes it started."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        then()
+
+    threading.Thread(target=watch, name="cifarlab-parent-watch", daemon=True).start()
+
+
 def _worker(conn, config: dict, path: str, resume: bool, threads: int | None) -> None:
     """One run in a process of its own (spawned); sends (status, note) back and never raises.
 
     Ctrl-C reaches this process too: while the run trains the engine catches it, saves and stops;
-    before that (loading data, building a feature cache) it arrives as KeyboardInterrupt."""
+    before that (loading data, building a feature cache) it arrives as KeyboardInterrupt. SIGTERM,
+    which the main process passes on, and the main process's death do what Ctrl-C does."""
+    import signal
+
     from cifarlab.engine import TrainingInterrupted
 
+    import multiprocessing as mp
+
+    parent = mp.parent_process()  # not os.getppid(): the main process may have died already
+    when_the_parent_dies(parent.pid if parent is not None else os.getppid(),
+                         lambda: os.kill(os.getpid(), signal.SIGTERM))
     try:
         train_one(config, path, resume, threads)
         result = ("finished", "resumed" if resume else "trained")
@@ -206,8 +228,11 @@ def _worker(conn, config: dict, path: str, resume: bool, threads: int | None) ->
         result = ("interrupted", str(err) or "interrupted")
     except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
         result = ("failed", _one_line(err)[:2000])  # well within a pipe's buffer: send never blocks
-    conn.send(result)
-    conn.close()
+    try:
+        conn.send(result)
+        conn.close()
+    except OSError:  # the main process is gone: the run's folder says what became of it
+        pass
 
 
 def _spawn(target, args: tuple, name: str):
@@ -331,8 +356,11 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
     that dies (killed, out of memory) takes only its own run with it.
 
     Runs are handed out longest first, a run only when a slot is free, so after Ctrl-C no queued
-    run starts. `worker` is the process's function (tests swap it).
+    run starts. SIGTERM does what Ctrl-C does: it is passed on to the runs, which save and stop.
+    `worker` is the process's function (tests swap it).
     """
+    import signal
+    import threading
     from multiprocessing.connection import wait
 
     from tqdm.auto import tqdm
@@ -356,6 +384,14 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
             return "interrupted", "interrupted"
         return "failed", _death(proc.exitcode)
 
+    # SIGTERM (`kill`, a job scheduler's time limit): noted here, passed on by the loop below to
+    # every run it started (none is missed that starts while the signal comes)
+    terminate: list[int] = []
+    told: set[int] = set()
+    previous_term = signal.getsignal(signal.SIGTERM)
+    handles_term = threading.current_thread() is threading.main_thread() and previous_term is not signal.SIG_IGN
+    if handles_term:
+        signal.signal(signal.SIGTERM, lambda signum, frame: terminate.append(signum))
     try:
         while queue or running:
             try:
@@ -366,6 +402,13 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
                 # A sentinel fires when its process ends, or, if the run forked processes that
                 # outlive it, only when they end too: look at the processes themselves as well.
                 ready = set(wait(list(running), timeout=1.0))
+                if terminate:
+                    interrupted = True
+                    for proc, _, _ in running.values():
+                        if proc.pid not in told:
+                            told.add(proc.pid)
+                            with contextlib.suppress(OSError):  # it has just ended
+                                os.kill(proc.pid, signal.SIGTERM)
                 if background is not None:
                     background.pump()  # what the analyses beside have logged
                 for sentinel in [s for s in running if s in ready or not running[s][0].is_alive()]:
@@ -391,6 +434,8 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
             proc.kill()
         raise
     finally:
+        if handles_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
         bar.close()
     if interrupted:
         raise _interrupted("interrupted; the runs that had started saved their progress. "
@@ -529,7 +574,6 @@ def become_analysis_process(parent: int) -> None:
     nowhere (a background group writing to a terminal may be stopped; its results and errors go
     back through its pipe); and it is niced, so that the training keeps its core."""
     import signal
-    import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # drops a Ctrl-C that came before this line
     os.setpgrp()
@@ -543,12 +587,7 @@ def become_analysis_process(parent: int) -> None:
     except OSError:
         pass
 
-    def end_with_the_parent() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os.killpg(0, signal.SIGKILL)
-
-    threading.Thread(target=end_with_the_parent, daemon=True).start()
+    when_the_parent_dies(parent, lambda: os.killpg(0, signal.SIGKILL))
 
 
 def _analysis_worker(conn, out: str, name: str, tsne_points: int, parent: int) -> None:
@@ -738,7 +777,7 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE
     previous = read_json(state_path)
-    log(f"reproducing {', '.join(groups)} into {out} (steps x {steps_scale:g}, {jobs} job(s) at a time)")
+    log(f"reproducing {', '.join(groups)} into {out} (steps x {steps_scale:g}, {counted(jobs, 'job')} at a time)")
     start = time.perf_counter()
     points = min(tsne_points, len(dataset.test_labels))
     background = AnalysisBesideTraining(out, points, log) if _analyse_during(analysis, device) else None
