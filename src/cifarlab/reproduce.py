@@ -212,12 +212,13 @@ def _worker(conn, config: dict, path: str, resume: bool, threads: int | None) ->
     Ctrl-C reaches this process too: while the run trains the engine catches it, saves and stops;
     before that (loading data, building a feature cache) it arrives as KeyboardInterrupt. SIGTERM,
     which the main process passes on, and the main process's death do what Ctrl-C does."""
+    import multiprocessing as mp
     import signal
 
     from cifarlab.engine import TrainingInterrupted
 
-    import multiprocessing as mp
-
+    # the main process decides what SIGTERM does to its runs (an ignored one would be inherited)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     parent = mp.parent_process()  # not os.getppid(): the main process may have died already
     when_the_parent_dies(parent.pid if parent is not None else os.getppid(),
                          lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -228,6 +229,9 @@ def _worker(conn, config: dict, path: str, resume: bool, threads: int | None) ->
         result = ("interrupted", str(err) or "interrupted")
     except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
         result = ("failed", _one_line(err)[:2000])  # well within a pipe's buffer: send never blocks
+    # the run has saved: a second SIGTERM (a scheduler's to every process, then the main
+    # process's passed on) must not end this one before it says so
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         conn.send(result)
         conn.close()
@@ -372,18 +376,6 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
     bar = tqdm(total=len(todo), desc=f"runs ({jobs} at a time)", unit="run", disable=not progress)
     running: dict = {}  # process sentinel -> (process, receiving end of its pipe, run)
 
-    def start(run, resume) -> None:
-        proc, receive = _spawn(worker, (run.config.to_dict(), str(run.path), resume, threads), f"cifarlab-{run.name}")
-        running[proc.sentinel] = (proc, receive, run)
-
-    def finish(proc, receive, run) -> tuple[str, str]:
-        result = _result_of(proc, receive)
-        if result is not None:
-            return result
-        if interrupted:  # Ctrl-C ended the process before its run began
-            return "interrupted", "interrupted"
-        return "failed", _death(proc.exitcode)
-
     # SIGTERM (`kill`, a job scheduler's time limit): noted here, passed on by the loop below to
     # every run it started (none is missed that starts while the signal comes)
     terminate: list[int] = []
@@ -392,10 +384,23 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
     handles_term = threading.current_thread() is threading.main_thread() and previous_term is not signal.SIG_IGN
     if handles_term:
         signal.signal(signal.SIGTERM, lambda signum, frame: terminate.append(signum))
+
+    def start(run, resume) -> None:
+        proc, receive = _spawn(worker, (run.config.to_dict(), str(run.path), resume, threads), f"cifarlab-{run.name}")
+        running[proc.sentinel] = (proc, receive, run)
+
+    def finish(proc, receive, run) -> tuple[str, str]:
+        result = _result_of(proc, receive)
+        if result is not None:
+            return result
+        if interrupted or terminate or proc.exitcode == -signal.SIGTERM:  # ended before its run began
+            return "interrupted", "interrupted"
+        return "failed", _death(proc.exitcode)
+
     try:
         while queue or running:
             try:
-                while queue and len(running) < jobs and not interrupted:
+                while queue and len(running) < jobs and not (interrupted or terminate):
                     start(*queue.pop(0))
                 if not running:
                     break
@@ -437,7 +442,7 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
         if handles_term:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
         bar.close()
-    if interrupted:
+    if interrupted or terminate:  # (a SIGTERM after the last run ended stops reproduce all the same)
         raise _interrupted("interrupted; the runs that had started saved their progress. "
                            "Run the same `cifarlab reproduce` again to go on", records)
     return records
