@@ -543,7 +543,7 @@ def environment(data: ReportData) -> list[tuple[str, str]]:
     elif changed:
         info.append(("changed for some runs", ", ".join(changed)))
     total = sum(s.get("wall_seconds", 0) for s in summaries)
-    info.append(("training wall time", f"{total:,.1f} s over {len(summaries)} runs (each run's own clock, all "
+    info.append(("training wall time", f"{total:,.1f} s over {counted(len(summaries), 'run')} (each run's own clock, all "
                                        "its resumes included)"))
     if "wall_seconds" in data.state:
         state = data.state

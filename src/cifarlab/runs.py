@@ -431,7 +431,7 @@ class RunDir:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
+    return f"cpu ({counted(torch.get_num_threads(), 'thread')}, {platform.machine()})"
 
 
 # -- comparing runs ----------------------------------------------------------------------------
