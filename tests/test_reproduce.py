@@ -811,6 +811,41 @@ def test_runs_at_once_record_and_log_the_run_ctrl_c_cut_short(tmp_path):
     assert f"  {'siamese-exp1':<26} interrupted at step 7" in log
 
 
+@pytest.mark.parametrize("first", ["SIGTERM", "SIGINT"])
+def test_sigterm_in_the_analysis_stops_reproduce_as_ctrl_c_does_and_says_so(tmp_path, monkeypatch, first):
+    """Between the runs and in the analysis after them no training takes SIGTERM over: reproduce
+    stops as on Ctrl-C, with reproduce.json saying so; a SIGTERM after a stop (of either) cannot
+    cut its record short."""
+    import signal
+
+    import cifarlab.reproduce as rep
+
+    reached_the_process = []  # stands in for SIGTERM's default, which would end pytest itself
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: reached_the_process.append(signum))
+
+    def analyse(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, first))
+
+    written = rep.write_json
+
+    def write_json(path, value):  # the scheduler's second SIGTERM, while the stop is recorded
+        os.kill(os.getpid(), signal.SIGTERM)
+        written(path, value)
+
+    monkeypatch.setattr(rep, "analyse", analyse)
+    monkeypatch.setattr(rep, "write_json", write_json)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            reproduce(tmp_path / "out", data=make_image_folders(tmp_path / "data", 30), only="study2", **QUICK)
+        state = json.loads((tmp_path / "out" / "reproduce.json").read_text())
+        assert state["interrupted"] and [r["status"] for r in state["runs"].values()] == ["finished"] * 3
+        assert reached_the_process == []
+        os.kill(os.getpid(), signal.SIGTERM)  # afterwards, the handler it found is back
+        assert reached_the_process == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _spawned_children(pid: int) -> list[int]:
     """The multiprocessing workers among a process's children (not its resource tracker)."""
     children = []

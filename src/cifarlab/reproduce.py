@@ -448,6 +448,38 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
     return records
 
 
+class _SigtermAsCtrlC:
+    """SIGTERM (`kill`, a job scheduler's time limit) stops reproduce as Ctrl-C does, between the
+    runs and in the analysis after them too, so that reproduce.json says so; a run in training
+    (or the runs of --jobs) take it over meanwhile, and save. Once stopping, it is ignored: the
+    stop's own record must not be cut short."""
+
+    def __init__(self):
+        self.stopping = False
+        self._previous = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread() and previous is not signal.SIG_IGN:
+            self._previous = signal.SIG_DFL if previous is None else previous
+            signal.signal(signal.SIGTERM, self._stop)
+        return self
+
+    def _stop(self, signum, frame):
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def _interrupted_note(message: str) -> str:
     """What reproduce.json and the log keep of a run's Ctrl-C: the engine's "interrupted at step N"
     (or "interrupted twice at step N: stopped without saving"), without its resume command, which
@@ -808,18 +840,20 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
         return state
 
     records: dict[str, dict] = {}
-    try:
-        records = execute(runs, jobs, progress, data=dataset, log=log, background=background)
-        clock["train_seconds"] = time.perf_counter() - start
-        done = background.finish() if background is not None else set()
-        analyse(out, records, points, progress, log, done=done)
-        clock["analysis_seconds_after_training"] = time.perf_counter() - start - clock["train_seconds"]
-    except BaseException as err:
-        if background is not None:
-            background.stop()
-        if isinstance(err, KeyboardInterrupt) or hasattr(err, "records"):  # Ctrl-C (see _interrupted)
-            record({**records, **getattr(err, "records", {})}, interrupted=True)
-        raise
+    with _SigtermAsCtrlC() as sigterm:
+        try:
+            records = execute(runs, jobs, progress, data=dataset, log=log, background=background)
+            clock["train_seconds"] = time.perf_counter() - start
+            done = background.finish() if background is not None else set()
+            analyse(out, records, points, progress, log, done=done)
+            clock["analysis_seconds_after_training"] = time.perf_counter() - start - clock["train_seconds"]
+        except BaseException as err:
+            sigterm.stopping = True
+            if background is not None:
+                background.stop()
+            if isinstance(err, KeyboardInterrupt) or hasattr(err, "records"):  # Ctrl-C (see _interrupted)
+                record({**records, **getattr(err, "records", {})}, interrupted=True)
+            raise
     record(records)
     reporting = time.perf_counter()
     html, md = write_report(out)
