@@ -49,6 +49,18 @@ def ctrl_c_as_at_a_terminal():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture
+def sigterm_caught():
+    """SIGTERM's default would end pytest itself: while a test runs, the signals that reach the
+    process's own handler (none should, while cifarlab handles SIGTERM) are listed instead."""
+    import signal
+
+    reached = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: reached.append(signum))
+    yield reached
+    signal.signal(signal.SIGTERM, previous)
+
+
 def tiny_arrays(n_per_class: int, seed: int = 0) -> dict:
     """Random but reproducible images; labels cycle through the 10 classes."""
     rng = np.random.default_rng(seed)

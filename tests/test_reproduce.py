@@ -812,16 +812,14 @@ def test_runs_at_once_record_and_log_the_run_ctrl_c_cut_short(tmp_path):
 
 
 @pytest.mark.parametrize("first", ["SIGTERM", "SIGINT"])
-def test_sigterm_in_the_analysis_stops_reproduce_as_ctrl_c_does_and_says_so(tmp_path, monkeypatch, first):
+def test_sigterm_in_the_analysis_stops_reproduce_as_ctrl_c_does_and_says_so(tmp_path, monkeypatch, first,
+                                                                          sigterm_caught):
     """Between the runs and in the analysis after them no training takes SIGTERM over: reproduce
     stops as on Ctrl-C, with reproduce.json saying so; a SIGTERM after a stop (of either) cannot
     cut its record short."""
     import signal
 
     import cifarlab.reproduce as rep
-
-    reached_the_process = []  # stands in for SIGTERM's default, which would end pytest itself
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: reached_the_process.append(signum))
 
     def analyse(*args, **kwargs):
         os.kill(os.getpid(), getattr(signal, first))
@@ -834,16 +832,71 @@ def test_sigterm_in_the_analysis_stops_reproduce_as_ctrl_c_does_and_says_so(tmp_
 
     monkeypatch.setattr(rep, "analyse", analyse)
     monkeypatch.setattr(rep, "write_json", write_json)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(tmp_path / "out", data=make_image_folders(tmp_path / "data", 30), only="study2", **QUICK)
+    state = json.loads((tmp_path / "out" / "reproduce.json").read_text())
+    assert state["interrupted"] and [r["status"] for r in state["runs"].values()] == ["finished"] * 3
+    assert sigterm_caught == []
+    os.kill(os.getpid(), signal.SIGTERM)  # afterwards, the handler it found is back
+    assert sigterm_caught == [signal.SIGTERM]
+
+
+def reproduce_raising_no_keyboard_interrupt(*args, **kwargs):
+    """reproduce(), where a KeyboardInterrupt that escapes fails the test (not the whole session)."""
     try:
-        with pytest.raises(KeyboardInterrupt):
-            reproduce(tmp_path / "out", data=make_image_folders(tmp_path / "data", 30), only="study2", **QUICK)
-        state = json.loads((tmp_path / "out" / "reproduce.json").read_text())
-        assert state["interrupted"] and [r["status"] for r in state["runs"].values()] == ["finished"] * 3
-        assert reached_the_process == []
-        os.kill(os.getpid(), signal.SIGTERM)  # afterwards, the handler it found is back
-        assert reached_the_process == [signal.SIGTERM]
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return reproduce(*args, **kwargs)
+    except KeyboardInterrupt:
+        pytest.fail("a KeyboardInterrupt escaped reproduce", pytrace=False)
+
+
+def test_sigterm_between_runs_stops_reproduce_with_the_runs_so_far_on_record(tmp_path, monkeypatch, sigterm_caught,
+                                                                            training_only):
+    import signal
+
+    import cifarlab.reproduce as rep
+
+    real = rep.train_one
+
+    def train_one(config, path, resume, **kw):  # SIGTERM just after the first run ends
+        summary = real(config, path, resume, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return summary
+
+    monkeypatch.setattr(rep, "train_one", train_one)
+    with pytest.raises(CifarlabError, match=r"^interrupted. Run the same `cifarlab reproduce` again to go on$"):
+        reproduce_raising_no_keyboard_interrupt(tmp_path / "out", data=make_image_folders(tmp_path / "data", 30), only="study2", **QUICK)
+    state = json.loads((tmp_path / "out" / "reproduce.json").read_text())
+    assert state["interrupted"] and {n: r["status"] for n, r in state["runs"].items()} == {"siamese-exp1": "finished"}
+    assert sigterm_caught == []
+
+
+def test_a_second_sigterm_while_a_runs_stop_is_recorded_changes_nothing(tmp_path, monkeypatch, sigterm_caught,
+                                                                       training_only):
+    """A scheduler's SIGTERM, then another (or `kill` twice): the first stops the run in training,
+    which saves; the second, once the training has given SIGTERM back, must not cut the record short."""
+    import signal
+
+    import cifarlab.engine as engine
+    import cifarlab.reproduce as rep
+
+    real_run, real_record = engine.StepRunner.run, rep._record
+
+    def run(self, step):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_run(self, step)
+
+    def record(run, status, note):
+        if status == "interrupted":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_record(run, status, note)
+
+    monkeypatch.setattr(engine.StepRunner, "run", run)
+    monkeypatch.setattr(rep, "_record", record)
+    with pytest.raises(CifarlabError, match="interrupted at step 7; progress saved.*Run the same `cifarlab reproduce`"):
+        reproduce_raising_no_keyboard_interrupt(tmp_path / "out", data=make_image_folders(tmp_path / "data", 30), only="study2", **QUICK)
+    state = json.loads((tmp_path / "out" / "reproduce.json").read_text())
+    assert state["runs"]["siamese-exp1"]["note"] == "interrupted at step 7" and sigterm_caught == []
 
 
 def _spawned_children(pid: int) -> list[int]:

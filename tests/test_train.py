@@ -868,33 +868,29 @@ def test_a_second_ctrl_c_stops_at_once_and_says_where_a_resume_would_go_on_from(
     restore()
 
 
-def test_sigterm_saves_and_stops_as_a_first_ctrl_c_does_however_often_it_comes(tmp_path, monkeypatch):
+def test_sigterm_saves_and_stops_as_a_first_ctrl_c_does_however_often_it_comes(tmp_path, monkeypatch,
+                                                                               sigterm_caught):
     """`kill`, or a job scheduler's time limit, which may signal every process of a job, and again:
     the run saves and stops at the next step (never 'stopped without saving'), and resumes."""
     data = synthetic_cifar()
     cfg = small_cfg(steps=40)
-    reached_the_process = []  # stands in for SIGTERM's default, which would end pytest itself
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: reached_the_process.append(signum))
 
     class TerminatedTwiceAt(InterruptAt):
         def happen(self):
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    try:
-        restore = wrap_built_tasks(monkeypatch, TerminatedTwiceAt(24))
-        with pytest.raises(CifarlabError, match="interrupted at step 25; progress saved. Continue with: cifarlab "
-                                                "train classifier --resume"):
-            train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
-        restore()
-        assert reached_the_process == []  # the training's handler took both
-        assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 25
-        _, summary = train(cfg, resume=tmp_path / "run", progress=False, data=data)
-        assert summary["steps"] == 40
-        os.kill(os.getpid(), signal.SIGTERM)  # after the training, the handler it found is back
-        assert reached_the_process == [signal.SIGTERM]
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    restore = wrap_built_tasks(monkeypatch, TerminatedTwiceAt(24))
+    with pytest.raises(CifarlabError, match="interrupted at step 25; progress saved. Continue with: cifarlab "
+                                            "train classifier --resume"):
+        train(cfg, out=str(tmp_path / "run"), progress=False, data=data)
+    restore()
+    assert sigterm_caught == []  # the training's handler took both
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 25
+    _, summary = train(cfg, resume=tmp_path / "run", progress=False, data=data)
+    assert summary["steps"] == 40
+    os.kill(os.getpid(), signal.SIGTERM)  # after the training, the handler it found is back
+    assert sigterm_caught == [signal.SIGTERM]
 
 
 def test_an_infinite_test_loss_stops_the_run_as_a_nan_training_loss_does(tmp_path, monkeypatch):

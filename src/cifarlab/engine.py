@@ -377,6 +377,10 @@ class _InterruptFlag:
     every process on Ctrl-C anyway (resume from the last checkpoint).
     """
 
+    # whether the latest training of this process was asked to stop: a handler that gets SIGTERM
+    # back after it (reproduce's) must not begin a second stop while the first is reported
+    stop_asked = False
+
     def __init__(self, enabled: bool = True):
         self.presses = 0
         # the save the first Ctrl-C asked for is being written: a second Ctrl-C waits for it, a
@@ -390,6 +394,7 @@ class _InterruptFlag:
         return self.presses > 0
 
     def __enter__(self):
+        _InterruptFlag.stop_asked = False
         # A process started with Ctrl-C ignored (nohup, a job a script put in the background)
         # keeps it ignored, as Python itself does.
         if self.enabled and threading.current_thread() is threading.main_thread():
@@ -400,16 +405,23 @@ class _InterruptFlag:
 
     def _handle(self, signum, frame):
         self.presses += 1
+        _InterruptFlag.stop_asked = True
         if self.presses >= (3 if self.saving else 2):
             raise KeyboardInterrupt
 
     def _handle_term(self, signum, frame):
         self.presses = max(self.presses, 1)
+        _InterruptFlag.stop_asked = True
 
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():
             signal.signal(signum, signal.SIG_DFL if previous is None else previous)  # None: not set from Python
         self._previous = {}
+
+
+def stop_asked() -> bool:
+    """Whether the latest training in this process was stopped by Ctrl-C or SIGTERM."""
+    return _InterruptFlag.stop_asked
 
 
 def start_after_older_event_files(tb: Path, most: float = 2.0) -> None:

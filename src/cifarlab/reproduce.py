@@ -222,21 +222,22 @@ def _worker(conn, config: dict, path: str, resume: bool, threads: int | None) ->
     parent = mp.parent_process()  # not os.getppid(): the main process may have died already
     when_the_parent_dies(parent.pid if parent is not None else os.getppid(),
                          lambda: os.kill(os.getpid(), signal.SIGTERM))
-    try:
-        train_one(config, path, resume, threads)
-        result = ("finished", "resumed" if resume else "trained")
-    except (TrainingInterrupted, KeyboardInterrupt) as err:
-        result = ("interrupted", str(err) or "interrupted")
-    except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
-        result = ("failed", _one_line(err)[:2000])  # well within a pipe's buffer: send never blocks
-    # the run has saved: a second SIGTERM (a scheduler's to every process, then the main
-    # process's passed on) must not end this one before it says so
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        conn.send(result)
-        conn.close()
-    except OSError:  # the main process is gone: the run's folder says what became of it
-        pass
+    with _SigtermAsCtrlC() as sigterm:  # before the training (loading, a feature cache) and after it
+        try:
+            train_one(config, path, resume, threads)
+            result = ("finished", "resumed" if resume else "trained")
+        except (TrainingInterrupted, KeyboardInterrupt) as err:
+            result = ("interrupted", str(err) or "interrupted")
+        except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
+            result = ("failed", _one_line(err)[:2000])  # well within a pipe's buffer: send never blocks
+        # a second SIGTERM (a scheduler's to every process, then the main process's passed on)
+        # must not end this one before it has said what became of its run
+        sigterm.stopping = True
+        try:
+            conn.send(result)
+            conn.close()
+        except OSError:  # the main process is gone: the run's folder says what became of it
+            pass
 
 
 def _spawn(target, args: tuple, name: str):
@@ -329,6 +330,12 @@ def execute(runs: list[PlannedRun], jobs: int = 1, progress: bool = True, data=N
             records[run.name] = _record(run, "interrupted", _interrupted_note(str(err)))
             log(f"  {run.name:<26} {records[run.name]['note']}")
             raise _interrupted(f"{err}. Run the same `cifarlab reproduce` again to go on", records) from None
+        except KeyboardInterrupt:  # before the run's training (its set-up) or after it (its plots)
+            done = run_state(run) == "finished"
+            records[run.name] = _record(run, "finished" if done else "interrupted",
+                                        "trained" if done else "interrupted before its training began")
+            log(f"  {run.name:<26} {'finished' if done else 'interrupted'}")
+            raise _interrupted("interrupted. Run the same `cifarlab reproduce` again to go on", records) from None
         except Exception as err:  # noqa: BLE001 - one run's failure is recorded; the others go on
             records[run.name] = _record(run, "failed", _one_line(err))
             log(f"  {run.name} failed: {_one_line(err)}")
@@ -469,7 +476,8 @@ class _SigtermAsCtrlC:
         return self
 
     def _stop(self, signum, frame):
-        if not self.stopping:
+        engine = sys.modules.get("cifarlab.engine")  # imported by whatever trained
+        if not (self.stopping or (engine is not None and engine.stop_asked())):  # (a run's stop is reported)
             self.stopping = True
             raise KeyboardInterrupt
 
@@ -810,37 +818,38 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
     for run in runs:  # a run folder trained otherwise, or by another process now, is refused before any work
         run_state(run)
         _refuse_if_being_trained(run.path)
-    dataset = load_cifar10(data, download=True, progress=progress)  # once, here: builds the cache for all runs
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / STATE_FILE
-    previous = read_json(state_path)
-    log(f"reproducing {', '.join(groups)} into {out} (steps x {steps_scale:g}, {counted(jobs, 'job')} at a time)")
-    start = time.perf_counter()
-    points = min(tsne_points, len(dataset.test_labels))
-    background = AnalysisBesideTraining(out, points, log) if _analyse_during(analysis, device) else None
-    clock = {"data_seconds": start - called}  # rounded when recorded (a rounded part made -0.0 s of another)
-
-    def record(records: dict[str, dict], **more) -> dict:
-        """What this call did, in reproduce.json: written when it ends, interrupted or not, so that
-        a report of a study cut short still has its data and times."""
-        state = {
-            "cifarlab_version": __version__,
-            "command": " ".join(["cifarlab", *sys.argv[1:]]) if sys.argv and "cifarlab" in sys.argv[0] else None,
-            "finished_at": dt.datetime.now().isoformat(timespec="seconds"),
-            "steps_scale": steps_scale, "only": groups, "overrides": overrides or {}, "jobs": jobs,
-            "max_evals": max_evals,
-            "data": {"layout": dataset.layout, "source": str(Path(dataset.source).resolve()),
-                     "checksum": dataset.checksum, "train": int(len(dataset.train_labels)),
-                     "test": int(len(dataset.test_labels))},
-            "wall_seconds": round(time.perf_counter() - called, 2), **{k: round(v, 2) for k, v in clock.items()},
-            "analysis": "during" if background is not None else "after", **more,
-            "runs": {**previous.get("runs", {}), **records},
-        }
-        write_json(state_path, state)
-        return state
-
-    records: dict[str, dict] = {}
+    # from here on SIGTERM stops it as Ctrl-C does (the data's download and cache build included)
     with _SigtermAsCtrlC() as sigterm:
+        dataset = load_cifar10(data, download=True, progress=progress)  # once, here: builds the cache for all runs
+        out.mkdir(parents=True, exist_ok=True)
+        state_path = out / STATE_FILE
+        previous = read_json(state_path)
+        log(f"reproducing {', '.join(groups)} into {out} (steps x {steps_scale:g}, {counted(jobs, 'job')} at a time)")
+        start = time.perf_counter()
+        points = min(tsne_points, len(dataset.test_labels))
+        background = AnalysisBesideTraining(out, points, log) if _analyse_during(analysis, device) else None
+        clock = {"data_seconds": start - called}  # rounded when recorded (a rounded part made -0.0 s of another)
+
+        def record(records: dict[str, dict], **more) -> dict:
+            """What this call did, in reproduce.json: written when it ends, interrupted or not, so that
+            a report of a study cut short still has its data and times."""
+            state = {
+                "cifarlab_version": __version__,
+                "command": " ".join(["cifarlab", *sys.argv[1:]]) if sys.argv and "cifarlab" in sys.argv[0] else None,
+                "finished_at": dt.datetime.now().isoformat(timespec="seconds"),
+                "steps_scale": steps_scale, "only": groups, "overrides": overrides or {}, "jobs": jobs,
+                "max_evals": max_evals,
+                "data": {"layout": dataset.layout, "source": str(Path(dataset.source).resolve()),
+                         "checksum": dataset.checksum, "train": int(len(dataset.train_labels)),
+                         "test": int(len(dataset.test_labels))},
+                "wall_seconds": round(time.perf_counter() - called, 2), **{k: round(v, 2) for k, v in clock.items()},
+                "analysis": "during" if background is not None else "after", **more,
+                "runs": {**previous.get("runs", {}), **records},
+            }
+            write_json(state_path, state)
+            return state
+
+        records: dict[str, dict] = {}
         try:
             records = execute(runs, jobs, progress, data=dataset, log=log, background=background)
             clock["train_seconds"] = time.perf_counter() - start
@@ -854,13 +863,13 @@ def reproduce(out: str | os.PathLike = "report", data: str | os.PathLike | None 
             if isinstance(err, KeyboardInterrupt) or hasattr(err, "records"):  # Ctrl-C (see _interrupted)
                 record({**records, **getattr(err, "records", {})}, interrupted=True)
             raise
-    record(records)
-    reporting = time.perf_counter()
-    html, md = write_report(out)
-    clock["report_seconds"] = time.perf_counter() - reporting
-    state = record(records)  # again, with the report's time in the total
-    state["report"] = {"html": str(html), "md": str(md)}
-    # what went wrong in this call (state["runs"] also keeps records of earlier calls' runs)
-    state["failed"] = [name for name, r in records.items() if r["status"] == "failed"]
-    state["unanalysed"] = [name for name, r in records.items() if r.get("analysis")]
-    return state
+        record(records)
+        reporting = time.perf_counter()
+        html, md = write_report(out)
+        clock["report_seconds"] = time.perf_counter() - reporting
+        state = record(records)  # again, with the report's time in the total
+        state["report"] = {"html": str(html), "md": str(md)}
+        # what went wrong in this call (state["runs"] also keeps records of earlier calls' runs)
+        state["failed"] = [name for name, r in records.items() if r["status"] == "failed"]
+        state["unanalysed"] = [name for name, r in records.items() if r.get("analysis")]
+        return state
