@@ -13,23 +13,22 @@ CPU freed activation memory is kept for the next step rather than handed back to
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
 import shlex
 import signal
 import sys
-import threading
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from cifarlab import CifarlabError, counted
+from cifarlab import CifarlabError, counted, interrupts
 from cifarlab.config import Config, is_device_name
 from cifarlab.distributed import Solo
 from cifarlab.runs import RunDir, load_state
@@ -136,7 +135,7 @@ def make_autocast(precision: str, device: torch.device):
     """
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
-    return nullcontext
+    return contextlib.nullcontext
 
 
 def make_adam(params, lr: float, device: torch.device, capturable: bool) -> torch.optim.Adam:
@@ -377,51 +376,37 @@ class _InterruptFlag:
     every process on Ctrl-C anyway (resume from the last checkpoint).
     """
 
-    # whether the latest training of this process was asked to stop: a handler that gets SIGTERM
-    # back after it (reproduce's) must not begin a second stop while the first is reported
-    stop_asked = False
-
     def __init__(self, enabled: bool = True):
         self.presses = 0
         # the save the first Ctrl-C asked for is being written: a second Ctrl-C waits for it, a
         # third does not (a save that hangs on a stalled disk)
         self.saving = False
         self.enabled = enabled
-        self._previous = {}
+        self._taken = contextlib.ExitStack()
 
     @property
     def set(self) -> bool:
         return self.presses > 0
 
     def __enter__(self):
-        _InterruptFlag.stop_asked = False
-        # A process started with Ctrl-C ignored (nohup, a job a script put in the background)
-        # keeps it ignored, as Python itself does.
-        if self.enabled and threading.current_thread() is threading.main_thread():
-            for signum, handler in ((signal.SIGINT, self._handle), (signal.SIGTERM, self._handle_term)):
-                if signal.getsignal(signum) is not signal.SIG_IGN:
-                    self._previous[signum] = signal.signal(signum, handler)
+        interrupts.training_stop_asked = False
+        if self.enabled:
+            self._taken.enter_context(interrupts.taking_over(signal.SIGINT, self._handle))
+            self._taken.enter_context(interrupts.taking_over(signal.SIGTERM, self._handle_term))
         return self
 
     def _handle(self, signum, frame):
         self.presses += 1
-        _InterruptFlag.stop_asked = True
+        interrupts.training_stop_asked = True
         if self.presses >= (3 if self.saving else 2):
             raise KeyboardInterrupt
 
     def _handle_term(self, signum, frame):
         self.presses = max(self.presses, 1)
-        _InterruptFlag.stop_asked = True
+        interrupts.training_stop_asked = True
 
     def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, signal.SIG_DFL if previous is None else previous)  # None: not set from Python
-        self._previous = {}
-
-
-def stop_asked() -> bool:
-    """Whether the latest training in this process was stopped by Ctrl-C or SIGTERM."""
-    return _InterruptFlag.stop_asked
+        self._taken.close()
 
 
 def start_after_older_event_files(tb: Path, most: float = 2.0) -> None:

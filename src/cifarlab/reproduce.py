@@ -18,7 +18,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifarlab import CifarlabError, __version__, counted
+from cifarlab import CifarlabError, __version__, counted, interrupts
 from cifarlab.config import WHERE_AND_HOW, Config, identity_differences, images_per_step, load_config
 from cifarlab.fileio import read_json, write_json
 from cifarlab.presets import REFERENCE_RUN, Preset, all_presets
@@ -371,7 +371,6 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
     `worker` is the process's function (tests swap it).
     """
     import signal
-    import threading
     from multiprocessing.connection import wait
 
     from tqdm.auto import tqdm
@@ -383,14 +382,10 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
     bar = tqdm(total=len(todo), desc=f"runs ({jobs} at a time)", unit="run", disable=not progress)
     running: dict = {}  # process sentinel -> (process, receiving end of its pipe, run)
 
-    # SIGTERM (`kill`, a job scheduler's time limit): noted here, passed on by the loop below to
-    # every run it started (none is missed that starts while the signal comes)
+    # SIGTERM (`kill`, a job scheduler's time limit): noted by the handler, passed on by the loop
+    # below to the runs it started; none starts after it, and none is missed that starts as it comes
     terminate: list[int] = []
-    told: set[int] = set()
-    previous_term = signal.getsignal(signal.SIGTERM)
-    handles_term = threading.current_thread() is threading.main_thread() and previous_term is not signal.SIG_IGN
-    if handles_term:
-        signal.signal(signal.SIGTERM, lambda signum, frame: terminate.append(signum))
+    passed_on = False
 
     def start(run, resume) -> None:
         proc, receive = _spawn(worker, (run.config.to_dict(), str(run.path), resume, threads), f"cifarlab-{run.name}")
@@ -404,6 +399,8 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
             return "interrupted", "interrupted"
         return "failed", _death(proc.exitcode)
 
+    taken = contextlib.ExitStack()
+    taken.enter_context(interrupts.taking_over(signal.SIGTERM, lambda signum, frame: terminate.append(signum)))
     try:
         while queue or running:
             try:
@@ -414,13 +411,11 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
                 # A sentinel fires when its process ends, or, if the run forked processes that
                 # outlive it, only when they end too: look at the processes themselves as well.
                 ready = set(wait(list(running), timeout=1.0))
-                if terminate:
-                    interrupted = True
+                if terminate and not passed_on:
+                    interrupted = passed_on = True
                     for proc, _, _ in running.values():
-                        if proc.pid not in told:
-                            told.add(proc.pid)
-                            with contextlib.suppress(OSError):  # it has just ended
-                                os.kill(proc.pid, signal.SIGTERM)
+                        with contextlib.suppress(OSError):  # it has just ended
+                            os.kill(proc.pid, signal.SIGTERM)
                 if background is not None:
                     background.pump()  # what the analyses beside have logged
                 for sentinel in [s for s in running if s in ready or not running[s][0].is_alive()]:
@@ -446,8 +441,7 @@ def _execute_parallel(todo, jobs: int, progress: bool, log, worker=_worker,
             proc.kill()
         raise
     finally:
-        if handles_term:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
+        taken.close()
         bar.close()
     if interrupted or terminate:  # (a SIGTERM after the last run ended stops reproduce all the same)
         raise _interrupted("interrupted; the runs that had started saved their progress. "
@@ -463,29 +457,21 @@ class _SigtermAsCtrlC:
 
     def __init__(self):
         self.stopping = False
-        self._previous = None
+        self._taken = contextlib.ExitStack()
 
     def __enter__(self):
         import signal
-        import threading
 
-        previous = signal.getsignal(signal.SIGTERM)
-        if threading.current_thread() is threading.main_thread() and previous is not signal.SIG_IGN:
-            self._previous = signal.SIG_DFL if previous is None else previous
-            signal.signal(signal.SIGTERM, self._stop)
+        self._taken.enter_context(interrupts.taking_over(signal.SIGTERM, self._stop))
         return self
 
     def _stop(self, signum, frame):
-        engine = sys.modules.get("cifarlab.engine")  # imported by whatever trained
-        if not (self.stopping or (engine is not None and engine.stop_asked())):  # (a run's stop is reported)
+        if not (self.stopping or interrupts.training_stop_asked):  # (a run's stop is being reported)
             self.stopping = True
             raise KeyboardInterrupt
 
     def __exit__(self, *exc):
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        self._taken.close()
 
 
 def _interrupted_note(message: str) -> str:
