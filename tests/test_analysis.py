@@ -206,6 +206,42 @@ def test_tsne_writes_pictures_and_coordinates(run_copy):
             assert res["perplexity"] == json.loads(str(z["meta"]))["perplexity"] == used
 
 
+def test_tsne_of_another_split_keeps_the_test_sets_which_the_report_reads(run_copy):
+    path, data = run_copy
+    A.run_tsne(path, "fc2", perplexity=5, max_points=40, data=data, progress=False)
+    test = A.read_tsne(path, "fc2")
+    out = A.run_tsne(path, "fc2", perplexity=5, max_points=30, split="train", data=data, progress=False)
+    assert out["layers"]["fc2"]["coords"] == path / "analysis" / "tsne-fc2-train.npz"
+    assert out["layers"]["fc2"]["png"] == path / "plots" / "tsne-fc2-train.png"
+    assert A.read_tsne(path, "fc2", "train")["meta"]["split"] == "train"
+    kept = A.read_tsne(path, "fc2")
+    assert kept["meta"]["split"] == "test" and np.array_equal(kept["coords"], test["coords"])
+    # a file of another split under the test set's name (an older cifarlab's) is not the test set's
+    shutil.copy(path / "analysis" / "tsne-fc2-train.npz", path / "analysis" / "tsne-fc2.npz")
+    assert A.read_tsne(path, "fc2") is None
+
+
+def test_tsne_records_pca_only_where_it_ran(run_copy):
+    path, data = run_copy  # PCA to 50 dimensions needs more than 50 points
+    for points, pca in ((40, None), (60, A.PCA_DIMS)):
+        A.run_tsne(path, "flatten", perplexity=5, max_points=points, data=data, progress=False)
+        assert A.read_tsne(path, "flatten")["meta"]["pca_dims"] == pca
+    assert A.pca_first(60, 4096) and not A.pca_first(50, 4096) and not A.pca_first(1000, 50)
+
+
+def test_a_fit_stopped_at_its_iteration_cap_counts_as_not_converged_in_worker_processes_too():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    x, y = _blobs(30, 16, 8.0, seed=2)
+    for n_jobs in (1, 2):  # with 2, the ConvergenceWarnings are raised in other processes
+        capped = OneVsRestClassifier(LogisticRegression(max_iter=2), n_jobs=n_jobs)
+        with pytest.warns() if n_jobs == 1 else nullcontext():
+            capped.fit(x, y)
+        assert A.stopped_at_cap(capped)
+        assert not A.stopped_at_cap(OneVsRestClassifier(LogisticRegression(max_iter=1000), n_jobs=n_jobs).fit(x, y))
+
+
 def test_unknown_layer_lists_the_layers_of_the_run(run_copy):
     path, data = run_copy
     with pytest.raises(CifarlabError, match="unknown layer conv9; this run has: flatten, fc1, fc2, logits"):

@@ -92,9 +92,32 @@ def test_plot_overlays_runs_with_labels(trained, tmp_path):
     assert "--labels has 1 name for 2 runs;" in one.stderr
 
 
+def test_labels_titles_and_class_names_are_drawn_as_typed(tmp_path, monkeypatch):
+    """matplotlib leaves a label starting with "_" out of a legend, and reads $...$ as math (a
+    lone "$" fails the drawing): a run's or class's name must come out as the user typed it."""
+    import matplotlib.figure
+    import numpy as np
+
+    from cifarlab.analysis import plot_tsne
+    from cifarlab.plots import plot_curves
+
+    drawn = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig) or real(fig, *a, **k))
+    rows = [{"step": s, "split": split, "accuracy": 0.1 * s, "loss": 1 / s} for s in (1, 2, 3) for split in ("train", "test")]
+    plot_curves([("_baseline", rows), ("lr $1e-4$ a$b", rows)], tmp_path / "c.png", title="a$^$b", note="$x")
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    want = ["_baseline train", "_baseline test", "lr $1e-4$ a$b train", "lr $1e-4$ a$b test"]
+    assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in drawn[0].axes] == [want, want]
+    coords = np.random.default_rng(0).normal(size=(6, 2))
+    plot_tsne([("fc2 $", coords)], np.array([0, 1, 2, 0, 1, 2]), ["_cat", "a$b", "c"], tmp_path / "t.png", "t$")
+    assert [t.get_text() for t in drawn[1].legends[0].get_texts()] == ["_cat", "a$b", "c"]
+    assert matplotlib.rcParams["text.parse_math"] is True  # only cifarlab's own drawing is changed
+
+
 def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
     _, run, _ = trained
-    other = tmp_path / "other"
+    other = tmp_path / "other[x]"  # brackets: rich markup, were the name not escaped
     import shutil
 
     shutil.copytree(run, other)
@@ -105,6 +128,7 @@ def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
     assert "test acc" in header and "dropout" in header and "batch_size" not in header
     assert "baseline" not in res.stdout  # chance is plain for a classifier; the CSV has it
     assert first.split()[0] == run.name and first.split()[-1] == "0.0" and second.split()[-1] == "0.5"
+    assert second.split()[0] == "other[x]"
     rows = (tmp_path / "cmp.csv").read_text().splitlines()
     assert rows[0].startswith("run,study,step,steps,finished,summary_missing,test_accuracy") and len(rows) == 3
     assert ",baseline_accuracy," in rows[0] and ",0.1," in rows[1]

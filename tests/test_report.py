@@ -71,7 +71,7 @@ def test_captions_say_how_our_ovr_and_tsne_differ_from_the_seeds_and_unconverged
         result = {"accuracy": 0.6, "n_fit": 240, "n_score": 60, "fit_seconds": 1.0, "checkpoint": 15000,
                   "converged": layer != "flatten"}
         write_json(ovr_path(ref, layer), {"results": {"seed/linear-svm": result}})
-        meta = {"layer": layer, "checkpoint": 15000, "points": points, "perplexity": 40.0, "input_dims": dims,
+        meta = {"layer": layer, "split": "test", "checkpoint": 15000, "points": points, "perplexity": 40.0, "input_dims": dims,
                 "pca_dims": 50, "classes": [f"c{i}" for i in range(10)]}
         tsne_path(ref, layer).parent.mkdir(exist_ok=True)
         np.savez(tsne_path(ref, layer), coords=np.random.default_rng(0).normal(size=(points, 2)).astype(np.float32),
@@ -254,3 +254,27 @@ def test_a_missing_ovr_names_the_command_that_makes_it_for_that_run(tmp_path):
     write_state(tmp_path)
     write_report(tmp_path)
     assert f"no OvR yet: `cifarlab ovr {tmp_path / REFERENCE_RUN} --layer all`" in (tmp_path / "report.md").read_text()
+
+
+def test_a_difference_is_of_the_numbers_as_shown_and_never_a_red_minus_zero():
+    from cifarlab.report import Row, Table, render_html
+
+    rows = [Row("rounds away", 0.7503, 0.75026), Row("up", 0.7503, 0.75036), Row("down", 0.6305, 0.5891),
+            Row("no seed", None, 0.5)]
+    assert [r.difference for r in rows] == [0.0, 0.0001, -0.0414, None]
+    page = render_html([Table("t", "c", rows)], [], [], [], [])
+    assert '<td class="num up">+0.0000</td>' in page and "-0.0000" not in page
+    assert '<td class="num down">-0.0414</td>' in page
+
+
+def test_markdown_shows_user_text_as_written(tmp_path):
+    """A skip reason or run name with <...> would be an HTML tag in Markdown (hidden by a
+    browser), and &name; an entity; a | would cut the table's cell."""
+    from cifarlab.report import Figure, Row, Table, render_markdown
+
+    note = "weights <not> found & offline; see &amp; | here"
+    md = render_markdown([Table("t", "caption <b>", [Row("x<y>", 0.5, 0.5, note=note)], notes=["a &lt; b"])],
+                         [Figure("f", "made from <runs>", None)], [], [], ["<warning>"], tmp_path)
+    assert "| x\\<y> |" in md and "weights \\<not> found & offline; see \\&amp; \\| here" in md
+    assert "caption \\<b>" in md and "Note 1: a \\&lt; b" in md and "made from \\<runs>" in md
+    assert "> **\\<warning>**" in md

@@ -38,7 +38,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from cifarlab import CifarlabError  # noqa: E402
 from cifarlab.fileio import read_json, write_json, write_with  # noqa: E402
-from cifarlab.plots import save_figure  # noqa: E402
+from cifarlab.plots import save_figure, text_as_typed  # noqa: E402
 from cifarlab.runs import RunDir  # noqa: E402
 
 SPLITS = ("train", "val", "test")
@@ -124,22 +124,30 @@ def data_key(cfg, data) -> str:
     return str((found[1] if found else root).resolve())
 
 
-def tsne_path(run_path: Path, layer: str) -> Path:
-    return Path(run_path) / "analysis" / f"tsne-{layer}.npz"
+def split_tag(split: str) -> str:
+    """How a file name says the split its features came from: nothing for the test set (the
+    report's, read by `report` and reproduce), "-train" or "-val" for the others."""
+    return "" if split == "test" else f"-{split}"
+
+
+def tsne_path(run_path: Path, layer: str, split: str = "test") -> Path:
+    return Path(run_path) / "analysis" / f"tsne-{layer}{split_tag(split)}.npz"
 
 
 def ovr_path(run_path: Path, layer: str) -> Path:
     return Path(run_path) / "analysis" / f"ovr-{layer}.json"
 
 
-def read_tsne(run_path: Path, layer: str) -> dict | None:
-    """What `run_tsne` wrote for `layer` (coords, labels, rows, meta), or None if it has not."""
+def read_tsne(run_path: Path, layer: str, split: str = "test") -> dict | None:
+    """What `run_tsne` wrote for `layer` on `split` (coords, labels, rows, meta), or None if it has not."""
     try:
-        with np.load(tsne_path(run_path, layer)) as npz:
-            return {"coords": npz["coords"], "labels": npz["labels"], "rows": npz["rows"],
-                    "meta": json.loads(str(npz["meta"]))}
+        with np.load(tsne_path(run_path, layer, split)) as npz:
+            found = {"coords": npz["coords"], "labels": npz["labels"], "rows": npz["rows"],
+                     "meta": json.loads(str(npz["meta"]))}
     except (OSError, KeyError, ValueError):
         return None
+    # an older cifarlab wrote every split to the test set's file
+    return found if isinstance(found["meta"], dict) and found["meta"].get("split") == split else None
 
 
 def read_ovr(run_path: Path, layer: str, protocol: str = "seed", classifier: str = "linear-svm") -> dict | None:
@@ -328,7 +336,7 @@ def embed_tsne(x: np.ndarray, perplexity: float = 40.0, seed: int = 0, n_jobs: i
     x = np.asarray(x, dtype=np.float32)
     if n_jobs is None:
         n_jobs = -1 if len(x) >= TSNE_THREADS_FROM else 1
-    if x.shape[1] > PCA_DIMS and x.shape[0] > PCA_DIMS:
+    if pca_first(*x.shape):
         x = PCA(PCA_DIMS, random_state=seed).fit_transform(x).astype(np.float32)
     tsne = TSNE(perplexity=perplexity, n_jobs=n_jobs, random_state=seed, negative_gradient_method="auto",
                 neighbors="exact" if len(x) <= TSNE_EXACT_UPTO else "auto", ints_in_interval=2)
@@ -345,6 +353,12 @@ def embed_tsne(x: np.ndarray, perplexity: float = 40.0, seed: int = 0, n_jobs: i
 
         tsne.callbacks, tsne.callbacks_every_iters = [tick], every
         return np.asarray(tsne.fit(x), dtype=np.float32)
+
+
+def pca_first(points: int, dims: int) -> bool:
+    """Whether embed_tsne reduces the features by PCA first: wider than PCA_DIMS, and more points
+    than that (PCA to 50 dimensions needs at least 50 points)."""
+    return dims > PCA_DIMS and points > PCA_DIMS
 
 
 def effective_perplexity(perplexity: float, points: int) -> float:
@@ -382,22 +396,23 @@ def run_tsne(run: RunDir | str | os.PathLike, layers: str | Sequence[str] | None
         seconds = time.perf_counter() - start
         meta = {"run": run.name, "layer": name, "split": split, "checkpoint": feats.checkpoint, "data": feats.data,
                 "perplexity": perplexity, "seed": seed, "points": len(rows), "input_dims": int(x.shape[1]),
-                "pca_dims": PCA_DIMS if x.shape[1] > PCA_DIMS else None, "seconds": round(seconds, 3),
+                "pca_dims": PCA_DIMS if pca_first(len(rows), x.shape[1]) else None, "seconds": round(seconds, 3),
                 "classes": list(feats.classes)}
-        coords_path = tsne_path(run.path, name)
+        coords_path = tsne_path(run.path, name, split)
         write_with(coords_path, lambda tmp: np.savez(tmp, coords=coords, labels=labels, rows=rows,
                                                      meta=np.array(json.dumps(meta))))
-        title = f"{run.name}: {name} ({x.shape[1]}-d), step {feats.checkpoint}"
-        png = plot_tsne([(name, coords)], labels, feats.classes, run.path / "plots" / f"tsne-{name}.png", title)
+        title = f"{run.name}: {name} ({x.shape[1]}-d), step {feats.checkpoint}" + (f", {split} set" if split != "test" else "")
+        png = plot_tsne([(name, coords)], labels, feats.classes, run.path / "plots" / f"tsne-{name}{split_tag(split)}.png", title)
         out["layers"][name] = {"coords": coords_path, "png": png, "seconds": seconds}
         panels.append((f"{name} ({x.shape[1]}-d)", coords))
     if len(panels) > 1:
         tag = "all" if list(feats.layers) == list(analysable_layers(feats.layer_names)) else "+".join(feats.layers)
         title = f"{run.name}: t-SNE of {split} features, step {feats.checkpoint}, perplexity {perplexity:g}"
-        out["combined"] = plot_tsne(panels, labels, feats.classes, run.path / "plots" / f"tsne-{tag}.png", title)
+        out["combined"] = plot_tsne(panels, labels, feats.classes, run.path / "plots" / f"tsne-{tag}{split_tag(split)}.png", title)
     return out
 
 
+@text_as_typed
 def plot_tsne(panels: list[tuple[str, np.ndarray]], labels: np.ndarray, classes: Sequence[str], out: Path,
               title: str | None = None) -> Path:
     """One scatter panel per (name, coords), side by side, coloured by class, with a class legend.
@@ -442,7 +457,8 @@ def make_classifier(name: str, dims: int, seed: int = 0, n_jobs: int = -1):
 
     linear-svm: liblinear's LinearSVC (one-vs-rest by construction), dual coordinate descent,
                 C = 1/dims, tol 0.1. Fast: about a second on fc2, ~20 s on 4096-d flatten.
-    svc-linear: the report's exact OneVsRestClassifier(SVC(kernel='linear')), C = 1 (libsvm; slow).
+    svc-linear: the report's OneVsRestClassifier(SVC(kernel='linear')), C = 1 (libsvm; slow); it is
+                given standardised features too, where the report's took them raw.
     logistic:   one-vs-rest logistic regression (lbfgs), C = 1/dims.
     The wrapped classifiers fit their 10 binary problems in `n_jobs` processes (they hold the GIL).
     """
@@ -490,9 +506,17 @@ def fit_score(x_fit: np.ndarray, y_fit: np.ndarray, x_score: np.ndarray, y_score
         "score_seconds": round(score_seconds, 3),
         "n_fit": int(len(y_fit)),
         "n_score": int(len(y_score)),
-        "converged": not any(issubclass(w.category, ConvergenceWarning) for w in caught),
+        "converged": not (stopped_at_cap(model[-1]) or any(issubclass(w.category, ConvergenceWarning) for w in caught)),
         "model": str(model[-1]),
     }
+
+
+def stopped_at_cap(clf) -> bool:
+    """Whether a fitted classifier's solver (any of one-vs-rest's binary ones) ran to its iteration
+    cap: the sign of not converging that also holds for fits done in worker processes, whose
+    ConvergenceWarnings never reach this one."""
+    capped = [e for e in getattr(clf, "estimators_", [clf]) if getattr(e, "max_iter", -1) > 0 and hasattr(e, "n_iter_")]
+    return any(np.max(e.n_iter_) >= e.max_iter for e in capped)
 
 
 def seed_protocol_split(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -564,6 +588,7 @@ def format_ovr_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@text_as_typed
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], out: Path, title: str | None = None) -> Path:
     """Counts of true (rows) against predicted (columns) classes."""
     from sklearn.metrics import ConfusionMatrixDisplay

@@ -336,6 +336,7 @@ def compare(
     import io
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from cifarlab.fileio import write_text, writing_user_path
@@ -363,9 +364,10 @@ def compare(
         step = f"{row['step']}/{row['steps']}" + ("" if row["finished"] else " (no summary)" if row["summary_missing"]
                                                   else " (unfinished)")
         best = "-" if row["best_test_accuracy"] is None else f"{row['best_test_accuracy']:.4f} ({row['best_test_step']})"
-        table.add_row(name, step, num(row["test_accuracy"], ".4f"), *[f"{row['baseline_accuracy']:.2f}"] * with_baseline, best,
+        # escape(): a run named "b128[dropout]" is text, not rich markup
+        table.add_row(escape(name), step, num(row["test_accuracy"], ".4f"), *[f"{row['baseline_accuracy']:.2f}"] * with_baseline, best,
                       num(row["test_loss"], ".4f"), num(row["ms_per_step"], ".2f"),
-                      *("·" if row[key] is None else str(row[key]) for key in shown))
+                      *("·" if row[key] is None else escape(str(row[key])) for key in shown))
     Console(width=None if sys.stdout.isatty() else 1000).print(table)  # piped: never cut a column
     if with_baseline:
         print("baseline: the accuracy of a rule that ignores the images (chance for a classifier; for a Siamese "
@@ -451,7 +453,7 @@ def ovr(
         "split: fit on train features, score on all test features.")] = "seed",
     classifier: Annotated[str, typer.Option(
         help="linear-svm (liblinear one-vs-rest, fast), svc-linear (the report's "
-        "OneVsRestClassifier(SVC(kernel='linear')), slow) or logistic.")] = "linear-svm",
+        "OneVsRestClassifier(SVC(kernel='linear')), slow) or logistic; each on standardised features.")] = "linear-svm",
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the seed protocol's shuffle.")] = 0,
     checkpoint: CheckpointOpt = None,
     data: DataOpt = None,

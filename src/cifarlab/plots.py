@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import matplotlib
@@ -27,12 +28,25 @@ def image_formats() -> list[str]:
     return sorted(t for t in types if t != "pgf" or shutil.which(matplotlib.rcParams["pgf.texsystem"]))
 
 
+def text_as_typed(draw):
+    """Draw with the user's text (run labels, titles, class names) shown as typed: matplotlib
+    would read `$...$` in it as math (and fail on `a$b`)."""
+    @functools.wraps(draw)
+    def drawing(*args, **kwargs):
+        with plt.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawing
+
+
+@text_as_typed
 def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | None = None,
                 note: str | None = None) -> Path:
     """Accuracy (left) and loss (right) against step, train and test, one colour per run; `note`
     (a caveat the reader of the figure must see) in red under the title."""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = plt.get_cmap("tab10")
+    lines, labels = [], []  # given to legend() as they are: it would leave out a label starting with "_"
     for i, (label, rows) in enumerate(series):
         splits = [s for s in ("train", "val", "test") if any(r["split"] == s for r in rows)]
         for split in splits:
@@ -41,14 +55,16 @@ def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | No
             style = dict(color=colours(i % 10), label=f"{label} {split}", **SPLIT_STYLE.get(split, {}))
             if len(pts) < 3:  # a line of one point is not drawn: mark the points
                 style["marker"] = "o"
-            ax_acc.plot(steps, [p[1] for p in pts], **style)
+            lines += ax_acc.plot(steps, [p[1] for p in pts], **style)
+            labels.append(style["label"])
             ax_loss.plot(steps, [p[2] for p in pts], **style)
     for ax, what in ((ax_acc, "accuracy"), (ax_loss, "loss")):
         ax.set_xlabel("step")
         ax.set_title(what, fontsize=10)  # above the panel: long tick labels cannot push it off the figure
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if lines:
+            ax.legend(lines, labels, fontsize=8)
     if title:
         fig.suptitle(title, y=0.985 if note else 0.98)
     if note:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,11 @@ class Row:
 
     @property
     def difference(self) -> float | None:
-        return None if self.seed is None or self.ours is None else self.ours - self.seed
+        """ours - seed, of the numbers as shown (4 decimals): the three cells agree, and a gap
+        that rounds away is +0.0000, not a red -0.0000."""
+        if self.seed is None or self.ours is None:
+            return None
+        return round(round(self.ours, 4) - round(self.seed, 4), 4) + 0.0  # + 0.0: -0.0 becomes 0.0
 
 
 @dataclass
@@ -717,33 +722,42 @@ def render_html(tables: list[Table], figures: list[Figure], runs: list[dict], en
     return "\n".join(out) + "\n"
 
 
+_MD_ENTITY = re.compile(r"&(?=#?[0-9A-Za-z]+;)")
+
+
+def _md_text(text: str) -> str:
+    """Text as Markdown shows it as written: a `<` that would open an HTML tag, or an `&` that
+    would make an entity (a run name, a skip reason's `<file>`), backslash-escaped."""
+    return _MD_ENTITY.sub(r"\\&", text.replace("<", "\\<"))
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return _md_text(text).replace("|", "\\|").replace("\n", " ")
 
 
 def render_markdown(tables: list[Table], figures: list[Figure], runs: list[dict], env: list[tuple[str, str]],
                     warnings: list[str], root: Path) -> str:
     out = ["# The CIFAR-10 study, reproduced by cifarlab", ""]
     for warning in warnings:
-        out += [f"> **{warning}**", ""]
+        out += [f"> **{_md_text(warning)}**", ""]
     out += ["## Environment", "", "| | |", "|---|---|", *(f"| {k} | {_md_cell(v)} |" for k, v in env), ""]
     for table in tables:
-        out += [f"## {table.title}", "", table.caption, ""]
+        out += [f"## {table.title}", "", _md_text(table.caption), ""]
         for group, rows in table.sections():
             if group:
-                out += [f"### {group}", ""]
+                out += [f"### {_md_text(group)}", ""]
             out += ["| experiment | seed | ours | difference | note |", "|---|---:|---:|---:|---|"]
             out += [f"| {_md_cell(r.experiment)} | {_fmt(r.seed)} | {_md_cell(_ours_cell(r))} | "
                     f"{_fmt(r.difference, True)} | {_md_cell(r.note)} |" for r in rows]
             out.append("")
-        out += [f"Note {i}: {note}\n" for i, note in enumerate(table.notes, 1)]
+        out += [f"Note {i}: {_md_text(note)}\n" for i, note in enumerate(table.notes, 1)]
     out += ["## Figures", ""]
     for fig in figures:
-        out.append(f"### {fig.title}")
+        out.append(f"### {_md_text(fig.title)}")
         out.append("")
         if fig.png is not None:
             out += [f"![{fig.title}]({Path(fig.png).relative_to(root).as_posix()})", ""]
-        out += [fig.caption, ""]
+        out += [_md_text(fig.caption), ""]
     out += ["## Runs", "", "| run | study | status | steps | device | wall s | ms/step | note |",
             "|---|---|---|---:|---|---:|---:|---|"]
     for r in map(_run_cells, runs):
