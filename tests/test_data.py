@@ -95,7 +95,14 @@ def test_an_archive_named_by_data_whose_pickles_were_extracted_before_says_they_
     assert load(archive, expected_md5=md5).checksum == "md5 ok"  # extracts it
     again = load(archive, expected_md5=md5)
     assert (again.layout, again.source) == ("tar.gz", archive)
-    assert again.checksum == f"md5 ok (archive); read from the {BATCHES_DIR}/ extracted beside it earlier (not checked)"
+    assert again.checksum == (f"md5 ok (archive); read from the {BATCHES_DIR}/ extracted beside it earlier (not checked; "
+                              "delete that folder to extract this archive anew)")
+    # an archive of one's own (no md5) replaced since: its earlier extraction is what is read, and said
+    other, _ = make_tar(tmp_path / "other", N // 2)
+    os.replace(other, archive)
+    unchecked = load(archive, expected_md5=None)
+    assert len(unchecked.train_labels) == len(again.train_labels)
+    assert unchecked.checksum.startswith(f"not checked (no md5 given); read from the {BATCHES_DIR}/ extracted beside")
 
 
 def test_jpeg_image_folders_load(tmp_path):
@@ -348,6 +355,84 @@ def test_a_killed_downloads_stale_temporary_is_removed_and_a_live_one_kept(tmp_p
     os.utime(stale, (two_hours_ago, two_hours_ago))
     load_cifar10(root, progress=False, expected_md5=md5)
     assert not stale.exists() and live.exists()
+
+
+class _ShortResponse(io.BytesIO):
+    """A response whose body ends early without an error, as http.client reports a server that
+    closed the connection before the Content-Length it announced."""
+
+    headers = {"Content-Length": "1000000"}
+
+
+def test_a_download_cut_short_is_not_published_even_without_an_md5(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", lambda url, timeout: _ShortResponse(b"x" * 5000))
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as err:
+        download_cifar10(root, expected_md5=None, progress=False)
+    assert "the connection closed after 5,000 of 1,000,000 bytes" in str(err.value)
+    assert files_under(root) == []
+
+
+def test_what_killed_writes_left_is_removed_by_a_later_load_and_a_users_folder_never(tmp_path):
+    """A load that neither downloads nor extracts (the archive is there, extracted) still clears a
+    killed download's or extraction's leftovers, once an hour old; a folder of a like name that
+    is not an extraction of cifarlab's (no marker in it) stays, whatever its age."""
+    archive, md5 = make_tar(tmp_path / "data", N)
+    root = archive.parent
+    load(root, expected_md5=md5)  # extracts it
+    download = root / ".tmp-cifar-10-python.tar-dead1234.gz"
+    extraction = root / ".tmp-cifarlab-extract-dead5678"
+    (extraction / BATCHES_DIR).mkdir(parents=True)
+    (extraction / ".cifarlab-extracting").touch()
+    users = root / ".tmp-cifarlab-extract-notes"
+    users.mkdir()
+    (users / "thesis.tex").write_text("mine")
+    download.write_bytes(b"x" * 1000)
+    for path in (download, extraction, users):
+        os.utime(path, (os.stat(path).st_mtime - 7200,) * 2)
+    fresh = root / ".tmp-cifar-10-python.tar-live0000.gz"
+    fresh.write_bytes(b"y")
+    assert load(root, expected_md5=md5).layout == "cifar-python"
+    assert not download.exists() and not extraction.exists() and fresh.exists()
+    assert (users / "thesis.tex").read_text() == "mine"
+
+
+def test_capitalised_split_folders_are_refused_not_passed_over_for_a_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", None)  # any download attempt would fail loudly
+    root = make_image_folders(tmp_path / "data", 2)
+    for split in ("train", "test"):
+        (root / split).rename(root / split.capitalize())
+    if (root / "train").is_dir():
+        pytest.skip("a case-insensitive file system finds Train/ as train/")
+    before = files_under(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_cifar10(root, progress=False)
+    message = str(err.value)
+    assert re.fullmatch(rf"{re.escape(str(root))}: holds (Train|Test)/, which is not read as a split \(nothing was "
+                        r"downloaded into it\): name the image folders train/ and test/, in lower case", message)
+    assert files_under(tmp_path) == before
+
+
+def test_a_path_that_cannot_be_a_folder_is_said_to_be_wrong_not_blamed_on_the_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", None)  # any download attempt would fail loudly
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(DataError) as err:
+        load_cifar10(tmp_path / "notes" / "cifar", progress=False)
+    assert str(err.value) == (f"cannot make the folder to download CIFAR-10 into: {tmp_path / 'notes' / 'cifar'}: "
+                              f"{tmp_path / 'notes'} is a file, not a folder; move it away, or give another path")
+    with pytest.raises(DataError) as err:
+        load_cifar10(tmp_path / "nothere" / BATCHES_DIR, progress=False)
+    assert str(err.value).startswith(f"{tmp_path / 'nothere' / BATCHES_DIR}: no such folder; --data (or CIFARLAB_DATA) "
+                                     f"names a {BATCHES_DIR}/ folder that is not there (nothing was downloaded")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_a_full_disk_while_extracting_says_to_free_space():
+    import errno
+
+    line = data._cannot_extract(Path("d") / ARCHIVE_NAME, OSError(errno.ENOSPC, "No space left on device", "d/x"))
+    assert line == (f"{Path('d') / ARCHIVE_NAME}: cannot extract it into d: no space left on the device; free some space "
+                    f"and run again, or extract it elsewhere and point --data at the {BATCHES_DIR} folder")
 
 
 @pytest.mark.parametrize("where", ["split", "class", "named-train", "renamed-split"])
@@ -987,3 +1072,24 @@ def test_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     assert events[0][2] == 5 and events[0][1].startswith(".tmp-w-")
     assert events[1][1] == "w.bin" and events[2][1] == "<folder>"
     assert (tmp_path / "w.bin").read_bytes() == b"12345"
+
+
+def test_a_long_or_bracketed_file_name_is_written_atomically_and_its_stale_temporaries_found(tmp_path):
+    long, bracketed = tmp_path / ("r" * 245 + ".json"), tmp_path / "run[1].json"
+    for path in (long, bracketed):
+        fileio.write_text(path, "x")  # its temporary's name within the 255-byte limit
+        assert path.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    stale = [tmp_path / f"{fileio._temp_prefix(p)}dead{p.suffix}" for p in (long, bracketed)]
+    for path in stale:
+        path.write_text("")
+        os.utime(path, (os.stat(path).st_mtime - 7200,) * 2)
+    fileio.remove_stale_temps(long)
+    fileio.remove_stale_temps(bracketed)  # "[1]" is a name, not a glob's character class
+    assert not any(path.exists() for path in stale)
+
+
+@pytest.mark.parametrize("layout", ["cifar-python", "tar.gz"])
+def test_decoded_arrays_are_contiguous_whether_or_not_they_came_from_the_cache(tmp_path, layout):
+    root = make_cifar_python(tmp_path / "data", N).parent if layout == "cifar-python" else make_tar(tmp_path / "data", N)[0]
+    ds = load(root, cache=False, expected_md5=None)
+    assert ds.train_images.flags.c_contiguous and ds.test_images.flags.c_contiguous

@@ -8,6 +8,7 @@ can fix is raised as one-line `DataError` naming the file and what to do.
 
 from __future__ import annotations
 
+import errno
 import functools
 import gzip
 import hashlib
@@ -33,7 +34,8 @@ from PIL import Image, ImageMode
 from tqdm import tqdm
 
 from cifarlab import CifarlabError
-from cifarlab.fileio import atomic_path, cache_root, remove_stale_temps, stream_url, user_cache_root, write_with
+from cifarlab.fileio import (atomic_path, cache_root, os_error_line, remove_stale_temps, stream_url, user_cache_root,
+                             write_with)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -47,6 +49,9 @@ META_FILE = "batches.meta"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Names of files tarfile reads: --data naming a missing one is a wrong path, not a folder to make.
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
+# An extraction in progress: a folder of this prefix beside the archive, holding the marker file
+# (the marker lets a later load remove a killed one's, and only those: never a user's folder)
+_EXTRACT_PREFIX, _EXTRACT_MARKER = ".tmp-cifarlab-extract-", ".cifarlab-extracting"
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 
@@ -102,7 +107,7 @@ def _cache_dir() -> Path:
 
 
 def _is_batches_dir(path: Path) -> bool:
-    return path.name == BATCHES_DIR or any(
+    return (path.name == BATCHES_DIR and path.is_dir()) or any(
         (path / name).is_file() for name in (META_FILE, TEST_BATCH, *TRAIN_BATCHES)
     )
 
@@ -148,8 +153,10 @@ def load_cifar10(
         folder, tops = source, [source / "train", source / "test"]
         read = functools.partial(_read_image_folders, source, progress)
     else:
-        if layout == "tar.gz" and checksum.startswith("md5 ok") and (source.parent / BATCHES_DIR).is_dir():
-            checksum = f"md5 ok (archive); read from the {BATCHES_DIR}/ extracted beside it earlier (not checked)"
+        if layout == "tar.gz" and (source.parent / BATCHES_DIR).is_dir():  # what is read is not what was checked
+            checksum = (f"{'md5 ok (archive)' if checksum.startswith('md5 ok') else checksum}; read from the "
+                        f"{BATCHES_DIR}/ extracted beside it earlier (not checked; delete that folder to extract "
+                        "this archive anew)")
         folder = _extract(source) if layout == "tar.gz" else source
         tops, read = [folder], functools.partial(_read_batches, folder)
     if cache:
@@ -169,12 +176,20 @@ def _locate(
 ) -> tuple[str, Path, str]:
     """(layout, source, checksum state): an archive is md5-checked; if nothing is there, download."""
     found = find_layout(root)
+    _remove_killed_writes(root if root.is_dir() else root.parent)
     if found is None:
-        if not root.exists() and root.name.lower().endswith(_ARCHIVE_SUFFIXES):
+        if not root.exists() and (root.name.lower().endswith(_ARCHIVE_SUFFIXES) or root.name == BATCHES_DIR):
+            what = ("no such file; --data (or CIFARLAB_DATA) names an archive" if root.name != BATCHES_DIR
+                    else f"no such folder; --data (or CIFARLAB_DATA) names a {BATCHES_DIR}/ folder")
             raise DataError(
-                f"{root}: no such file; --data (or CIFARLAB_DATA) names an archive that is not there "
-                f"(nothing was downloaded or created): fix the path, or point it at a folder to "
-                f"download {ARCHIVE_NAME} into"
+                f"{root}: {what} that is not there (nothing was downloaded or created): fix the path, "
+                f"or point it at a folder to download {ARCHIVE_NAME} into"
+            )
+        misnamed = _misnamed_split(root)
+        if misnamed:
+            raise DataError(
+                f"{root}: holds {misnamed}/, which is not read as a split (nothing was downloaded into "
+                f"it): name the image folders train/ and test/, in lower case"
             )
         inside = _inside_image_folders(root)
         if inside:  # downloading there would mix the archive into the user's image folders
@@ -192,6 +207,26 @@ def _locate(
     if layout == "tar.gz":
         return layout, source, _check_archive(source, expected_md5)
     return layout, source, CHECKSUM_FOLDERS if layout == "image-folder" else CHECKSUM_PICKLES
+
+
+def _remove_killed_writes(folder: Path) -> None:
+    """What a killed download or extraction left in the data folder (up to 170 MB), once it has
+    been untouched for an hour: on every load, as a later load may never download or extract."""
+    remove_stale_temps(folder / ARCHIVE_NAME)
+    remove_stale_temps(folder / ARCHIVE_NAME, prefix=_EXTRACT_PREFIX, marker=_EXTRACT_MARKER)
+
+
+def _misnamed_split(root: Path) -> str | None:
+    """A folder in `root` that a user meant as a split but is not named train or test: Train,
+    TEST, training... (on a case-sensitive file system; elsewhere train/ finds Train/)."""
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if entry.name.lower() in ("train", "test", "training", "testing") and entry.is_dir():
+                    return entry.name
+    except OSError:  # not a folder, or unreadable: the load's own error says so
+        return None
+    return None
 
 
 def _inside_image_folders(root: Path) -> str | None:
@@ -280,7 +315,10 @@ def download_cifar10(
     try:
         try:
             _make_folders(root, created)
-            remove_stale_temps(archive)
+        except OSError as err:  # a file where a folder must be, say: the path is wrong, not the network
+            raise DataError(f"cannot make the folder to download CIFAR-10 into: {os_error_line(err)}") from None
+        _remove_killed_writes(root)
+        try:
             with atomic_path(archive) as tmp:
                 actual = stream_url(url, tmp, "md5", "download CIFAR-10", progress)
                 if expected_md5 and actual != expected_md5.lower():
@@ -321,12 +359,12 @@ def _extract(archive: Path) -> Path:
     target = archive.parent / BATCHES_DIR
     if target.is_dir():
         return target
-    remove_stale_temps(archive, prefix=".tmp-extract-")
     try:
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-extract-", dir=archive.parent)).resolve()
+        staging = Path(tempfile.mkdtemp(prefix=_EXTRACT_PREFIX, dir=archive.parent)).resolve()
     except OSError as err:
         raise DataError(_cannot_extract(archive, err)) from None
     try:
+        (staging / _EXTRACT_MARKER).touch()
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
                 _extract_member(tar, member, staging, archive)
@@ -352,6 +390,9 @@ def _extract(archive: Path) -> Path:
 
 
 def _cannot_extract(archive: Path, err: OSError) -> str:
+    if err.errno == errno.ENOSPC:  # CIFAR-10 takes 180 MB extracted
+        return (f"{archive}: cannot extract it into {archive.parent}: no space left on the device; free some "
+                f"space and run again, or extract it elsewhere and point --data at the {BATCHES_DIR} folder")
     return (
         f"{archive}: cannot extract it into {archive.parent} ({err}); extract it somewhere "
         f"writable and point --data at the {BATCHES_DIR} folder"
@@ -461,7 +502,7 @@ def _read_batches(folder: Path) -> dict:
     train = [_read_batch(folder / name) for name in TRAIN_BATCHES]
     test_images, test_labels = _read_batch(folder / TEST_BATCH)
     return {
-        "train_images": np.concatenate([images for images, _ in train]),
+        "train_images": np.ascontiguousarray(np.concatenate([images for images, _ in train])),
         "train_labels": np.concatenate([labels for _, labels in train]),
         "test_images": np.ascontiguousarray(test_images),
         "test_labels": test_labels,

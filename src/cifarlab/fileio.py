@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import http.client
 import json
@@ -38,6 +39,12 @@ def _naming(path: Path, tmp: Path | None = None) -> Iterator[None]:
 _WRITE_FAILURES = ("PytorchStreamWriter failed", "unexpected pos", "file write failed", "IoError", "No space left")
 
 
+def _temp_prefix(path: Path) -> str:
+    """How atomic_path's temporaries of `path` begin: ".tmp-<stem>-", the stem cut short so that
+    a long file name's temporary stays within the usual 255-byte limit."""
+    return f".tmp-{path.stem[:80]}-"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -45,7 +52,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # The real suffix stays last: np.savez and savefig choose their format from it.
     with _naming(path):  # a read-only folder, say
-        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=path.suffix, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -85,18 +92,23 @@ def _flush_to_disk(path: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temps(path: str | os.PathLike, prefix: str | None = None, older_than: float = 3600) -> None:
+def remove_stale_temps(path: str | os.PathLike, prefix: str | None = None, older_than: float = 3600,
+                       marker: str | None = None) -> None:
     """Remove what a killed writer of `path` left: its temporaries (atomic_path's names, or
     `prefix`*, files or folders) untouched for `older_than` seconds. A live writer keeps its
-    temporary's mtime fresh; those of big downloads and caches would otherwise stay for good."""
+    temporary's mtime fresh; those of big downloads and caches would otherwise stay for good.
+    A folder is removed only if it holds a file named `marker`: a user's own folder whose name
+    happens to match is never."""
     path = Path(path)
-    pattern = f"{prefix}*" if prefix else f".tmp-{path.stem}-*{path.suffix}"
+    pattern = glob.escape(prefix or _temp_prefix(path)) + "*" + ("" if prefix else glob.escape(path.suffix))
     now = time.time()
     for stale in path.parent.glob(pattern):
         try:
             if now - stale.lstat().st_mtime < older_than:
                 continue
             if stale.is_dir() and not stale.is_symlink():
+                if marker is None or not (stale / marker).is_file():
+                    continue
                 shutil.rmtree(stale)
             else:
                 stale.unlink()
@@ -226,6 +238,7 @@ def stream_url(url: str, dest: Path, hash_name: str, desc: str, progress: bool) 
         response = urllib.request.urlopen(url, timeout=60)
     with response, open(dest, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
+        got = 0
         with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
             while True:
                 with _network(url):
@@ -234,5 +247,8 @@ def stream_url(url: str, dest: Path, hash_name: str, desc: str, progress: bool) 
                     break
                 out.write(block)
                 digest.update(block)
+                got += len(block)
                 bar.update(len(block))
+    if total is not None and got < total:  # http.client ends a cut-short body as if it were complete
+        raise NetworkError(f"the connection closed after {got:,} of {total:,} bytes")
     return digest.hexdigest()
