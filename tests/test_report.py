@@ -278,3 +278,29 @@ def test_markdown_shows_user_text_as_written(tmp_path):
     assert "| x\\<y> |" in md and "weights \\<not> found & offline; see \\&amp; \\| here" in md
     assert "caption \\<b>" in md and "Note 1: a \\&lt; b" in md and "made from \\<runs>" in md
     assert "> **\\<warning>**" in md
+
+
+def test_an_analysis_made_by_hand_otherwise_than_reproduce_makes_it_is_said(tmp_path):
+    """`cifarlab ovr --seed 7` or `tsne --data OTHER` on a run of the study: the report shows
+    their numbers and figures, and says how they were made."""
+    ref = fake_run(tmp_path, "classifier-b128")
+    write_json(tmp_path / "reproduce.json", {**STATE, "data": {**STATE["data"], "source": "/data/cifar10"}})
+    common = {"n_fit": 240, "n_score": 60, "fit_seconds": 1.0, "checkpoint": 15000, "converged": True}
+    made = {"flatten": {"seed": 7, "data": "/data/cifar10"}, "fc1": {"seed": 0, "data": "/elsewhere"},
+            "fc2": {"seed": 0, "data": "/data/cifar10"}}
+    for layer, how in made.items():
+        write_json(ovr_path(ref, layer), {"results": {"seed/linear-svm": {"accuracy": 0.6, **common, **how}}})
+        meta = {"layer": layer, "split": "test", "checkpoint": 15000, "points": 20, "perplexity": 6.0,
+                "input_dims": 192, "classes": [f"c{i}" for i in range(10)], **how}
+        tsne_path(ref, layer).parent.mkdir(exist_ok=True)
+        np.savez(tsne_path(ref, layer), coords=np.zeros((20, 2), np.float32), labels=np.arange(20) % 10,
+                 rows=np.arange(20), meta=np.array(json.dumps(meta)))
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| f")}
+    assert "with --seed 7, not 0: rerun `cifarlab reproduce`" in rows["flatten features"]
+    assert "on other images (/elsewhere) than the study's" in rows["fc1 features"]
+    assert "rerun" not in rows["fc2 features"]
+    figure7 = md.split("### Figure 7")[1].split("### Figure 8")[0]
+    assert "classifier-b128 flatten: with --seed 7, not 0" in figure7 and "classifier-b128 fc1: on other images" in figure7
+    assert "classifier-b128 fc2:" not in figure7

@@ -215,12 +215,22 @@ class ReportData:
     def analysis_problem(self, name: str) -> str | None:
         return self.state.get("runs", {}).get(name, {}).get("analysis")
 
-    def older_checkpoint(self, name: str, step: int | None) -> str:
-        """A note when an analysis was made from an earlier checkpoint than the run's last."""
-        last = self.summary(name).get("steps")
-        if step is None or last is None or step == last:
-            return ""
-        return f"from the checkpoint of step {step:,}, not the last ({last:,}): rerun `cifarlab reproduce`"
+    def made_otherwise(self, name: str, made: dict) -> str:
+        """How an analysis (an OvR result, a t-SNE's meta) was made otherwise than reproduce makes
+        it, as a note: from an earlier checkpoint than the run's last, with another shuffle seed,
+        or on other images than the study's (a `cifarlab ovr/tsne` by hand); "" if it was not."""
+        from cifarlab.reproduce import ANALYSIS_SEED
+
+        notes = []
+        step, last = made.get("checkpoint"), self.summary(name).get("steps")
+        if step is not None and last is not None and step != last:
+            notes.append(f"from the checkpoint of step {step:,}, not the last ({last:,})")
+        if made.get("seed", ANALYSIS_SEED) != ANALYSIS_SEED:
+            notes.append(f"with --seed {made['seed']}, not {ANALYSIS_SEED}")
+        study_data = self.state.get("data", {}).get("source")
+        if made.get("data") and study_data and made["data"] != study_data:
+            notes.append(f"on other images ({made['data']}) than the study's")
+        return "; ".join(notes) + (": rerun `cifarlab reproduce` to make it as the report does" if notes else "")
 
     def why_no_ovr(self, name: str, layers: str) -> str:
         """Why a run has no OvR number: no run, a failed analysis, or none made yet."""
@@ -335,7 +345,7 @@ def build_tables(data: ReportData) -> list[Table]:
         if res:
             counts = f"{res['n_fit']:,} fit / {res['n_score']:,} scored, {res['fit_seconds']:.1f} s"
             note = "; ".join(n for n in (counts, _not_converged(res),
-                                         data.older_checkpoint(REFERENCE_RUN, res.get("checkpoint"))) if n)
+                                         data.made_otherwise(REFERENCE_RUN, res)) if n)
         else:
             note = data.why_no_ovr(REFERENCE_RUN, "all")
         layer_rows.append(Row(f"{layer} features", seed, res["accuracy"] if res else None, note,
@@ -361,7 +371,7 @@ def build_tables(data: ReportData) -> list[Table]:
                          f"best {s['best_test_accuracy']:.4f} at step {s['best_test_step']:,} ({rule} scores "
                          f"{baseline:.2f})")
             note = "; ".join(n for n in (note, _not_converged(res),
-                                         data.older_checkpoint(p.name, res.get("checkpoint"))) if n)
+                                         data.made_otherwise(p.name, res)) if n)
         else:
             note = data.why_no_ovr(p.name, "embedding")
         note = "; ".join(n for n in (note, data.override_note(p.name)) if n)
@@ -467,9 +477,9 @@ def build_figures(data: ReportData, folder: Path) -> list[Figure]:
             if labels is not None and (len(tsne["rows"]) != len(labels) or not np.array_equal(tsne["labels"], labels)):
                 notes.append(f"{name} {layer}: embedded other points than the first panel; redo its t-SNE")
                 continue
-            older = data.older_checkpoint(name, tsne["meta"].get("checkpoint"))
-            if older:
-                notes.append(f"{name} {layer}: {older}")
+            otherwise = data.made_otherwise(name, tsne["meta"])
+            if otherwise:
+                notes.append(f"{name} {layer}: {otherwise}")
             labels, classes = tsne["labels"], tsne["meta"]["classes"]
             metas.append(tsne["meta"])
             panels.append((f"{name}: {layer}" if len({n for n, _ in parts}) > 1 else layer, tsne["coords"]))
