@@ -526,3 +526,10 @@ def test_a_missing_run_path_is_named_missing_not_only_not_a_run(tmp_path):
     (tmp_path / "empty").mkdir()
     empty = run_cli("eval", tmp_path / "empty")
     assert empty.returncode != 0 and "not a cifarlab run (no config.toml)" in empty.stderr
+
+
+def test_every_run_of_an_overlay_has_a_colour_of_its_own():
+    from cifarlab.plots import run_colours
+
+    for n in (1, 10, 11, 20, 21, 45):
+        assert len(set(run_colours(n))) == n

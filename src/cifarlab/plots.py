@@ -39,20 +39,28 @@ def text_as_typed(draw):
     return drawing
 
 
+def run_colours(n: int) -> list[tuple]:
+    """A colour per run, all different: tab10's, tab20's beyond 10 runs, a rainbow beyond 20."""
+    if n <= 20:
+        cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+        return [cmap(i) for i in range(n)]
+    return [plt.get_cmap("turbo")(i / (n - 1)) for i in range(n)]
+
+
 @text_as_typed
 def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | None = None,
                 note: str | None = None) -> Path:
     """Accuracy (left) and loss (right) against step, train and test, one colour per run; `note`
     (a caveat the reader of the figure must see) in red under the title."""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = plt.get_cmap("tab10")
+    colours = run_colours(len(series))
     lines, labels = [], []  # given to legend() as they are: it would leave out a label starting with "_"
     for i, (label, rows) in enumerate(series):
         splits = [s for s in ("train", "val", "test") if any(r["split"] == s for r in rows)]
         for split in splits:
             pts = sorted((r["step"], r["accuracy"], r["loss"]) for r in rows if r["split"] == split)
             steps = [p[0] for p in pts]
-            style = dict(color=colours(i % 10), label=f"{label} {split}", **SPLIT_STYLE.get(split, {}))
+            style = dict(color=colours[i], label=f"{label} {split}", **SPLIT_STYLE.get(split, {}))
             if len(pts) < 3:  # a line of one point is not drawn: mark the points
                 style["marker"] = "o"
             lines += ax_acc.plot(steps, [p[1] for p in pts], **style)
