@@ -115,6 +115,31 @@ def test_labels_titles_and_class_names_are_drawn_as_typed(tmp_path, monkeypatch)
     assert matplotlib.rcParams["text.parse_math"] is True  # only cifarlab's own drawing is changed
 
 
+def test_many_runs_get_one_legend_beside_the_panels(tmp_path, monkeypatch):
+    """Ten legend entries inside a panel hide its curves (the report's transfer figure): past
+    LEGEND_IN_PANEL they go into one legend right of both panels, clear of them."""
+    import matplotlib.figure
+
+    from cifarlab.plots import LEGEND_IN_PANEL, plot_curves
+
+    drawn = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig) or real(fig, *a, **k))
+    rows = [{"step": s, "split": split, "accuracy": 0.1 * s, "loss": 1 / s} for s in (1, 2, 3) for split in ("train", "test")]
+    runs = LEGEND_IN_PANEL // 2 + 1
+    plot_curves([(f"run{i}", rows) for i in range(runs)], tmp_path / "many.png")
+    fig = drawn[0]
+    assert [ax.get_legend() for ax in fig.axes] == [None, None]
+    (legend,) = fig.legends
+    assert len(legend.get_texts()) == 2 * runs
+    fig.canvas.draw()
+    box = legend.get_window_extent()
+    assert all(box.x0 > ax.get_window_extent().x1 for ax in fig.axes)
+    assert box.x1 <= fig.bbox.x1
+    plot_curves([(f"run{i}", rows) for i in range(LEGEND_IN_PANEL // 2)], tmp_path / "few.png")
+    assert drawn[1].legends == [] and all(ax.get_legend() is not None for ax in drawn[1].axes)
+
+
 def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
     _, run, _ = trained
     other = tmp_path / "other[x]"  # brackets: rich markup, were the name not escaped

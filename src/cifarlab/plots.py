@@ -47,12 +47,18 @@ def run_colours(n: int) -> list[tuple]:
     return [plt.get_cmap("turbo")(i / (n - 1)) for i in range(n)]
 
 
+# More legend entries than this (a run and split each) go into one legend beside the panels.
+LEGEND_IN_PANEL = 8
+
+
 @text_as_typed
 def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | None = None,
                 note: str | None = None) -> Path:
     """Accuracy (left) and loss (right) against step, train and test, one colour per run; `note`
     (a caveat the reader of the figure must see) in red under the title."""
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    entries = sum(len({r["split"] for r in rows}) for _, rows in series)
+    beside = entries > LEGEND_IN_PANEL  # one legend right of the panels: inside, it would hide the curves
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(15 if beside else 12, 4.5))
     colours = run_colours(len(series))
     lines, labels = [], []  # given to legend() as they are: it would leave out a label starting with "_"
     for i, (label, rows) in enumerate(series):
@@ -71,8 +77,10 @@ def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | No
         ax.set_title(what, fontsize=10)  # above the panel: long tick labels cannot push it off the figure
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if lines:
+        if lines and not beside:
             ax.legend(lines, labels, fontsize=8)
+    if beside:
+        fig.legend(lines, labels, fontsize=8, loc="center right", ncols=1 + (len(labels) - 1) // 30)
     if title:
         fig.suptitle(title, y=0.985 if note else 0.98)
     if note:
@@ -81,7 +89,8 @@ def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | No
     # fixed margins for this fixed layout: tight_layout measured every label and cost a third of
     # the drawing time, paid at the end of every run
     top = 0.92 - 0.06 * bool(title) - 0.05 * bool(note)
-    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.11, top=top, wspace=0.2)
+    right = 0.985 if not beside else 0.835 - 0.13 * ((len(labels) - 1) // 30)
+    fig.subplots_adjust(left=0.07, right=right, bottom=0.11, top=top, wspace=0.2)
     out = save_figure(fig, out)
     plt.close(fig)
     return out
