@@ -264,7 +264,7 @@ class Payload:
 def test_pickled_code_is_refused_not_run(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"features.0.weight": Payload()}, path)
-    expect_error(path, "cannot read", "holds more than tensors")
+    expect_error(path, "not a state dict of tensors", "holds other objects")
 
 
 def test_a_tensor_is_not_a_state_dict(tmp_path):
@@ -288,7 +288,7 @@ def test_a_refused_pickle_prints_no_warning_of_torchs_above_the_error(tmp_path):
     torch.save({"features.0.weight": Payload()}, path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        expect_error(path, "cannot read", "holds more than tensors")
+        expect_error(path, "not a state dict of tensors", "holds other objects")
 
 
 def test_a_users_copy_of_torchvisions_file_is_checked_against_the_hash_in_its_name(vgg_files, tmp_path):
@@ -454,6 +454,30 @@ def test_lite0_missing_statistics_are_named(lite0_file, tmp_path):
     torch.save({k: v for k, v in model.state_dict().items() if k != "_bn1.running_var"}, bad)
     with pytest.raises(WeightsError, match="lacks '_bn1.running_var'"):
         load_lite0_state(bad)
+
+
+def test_lite0_file_without_batchnorm_counters_loads(lite0_file, tmp_path):
+    """Exported Lite0 files often leave out BatchNorm's num_batches_tracked (torch's own strict
+    load_state_dict takes them so); every weight is still read and checked."""
+    path, model = lite0_file
+    lean = tmp_path / "lean.pth"
+    torch.save({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, lean)
+    state = load_lite0_state(lean)
+    assert set(state) == set(model.state_dict())
+    for key, value in model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    torch.save({k: v for k, v in model.state_dict().items() if k != "_bn1.weight"}, lean)
+    with pytest.raises(WeightsError, match="lacks '_bn1.weight'"):  # a real weight is still required
+        load_lite0_state(lean)
+
+
+def test_a_file_that_is_not_a_state_dict_says_what_to_do(tmp_path):
+    """torch's weights-only refusal opens with advice to unpickle the file unchecked: not ours to give."""
+    path = tmp_path / "bad.pth"
+    path.write_text("garbage\n")
+    message = expect_error(path, "not a state dict of tensors", "replace the file, or choose other backbone weights")
+    assert "weights_only" not in message and "PyTorch 2.6" not in message
 
 
 def test_lite0_without_the_package_says_what_to_install(monkeypatch):

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from cifarlab import CifarlabError
 from conftest import logged_rows, make_image_folders, run_cli
 
 
@@ -138,6 +139,44 @@ def test_many_runs_get_one_legend_beside_the_panels(tmp_path, monkeypatch):
     assert box.x1 <= fig.bbox.x1
     plot_curves([(f"run{i}", rows) for i in range(LEGEND_IN_PANEL // 2)], tmp_path / "few.png")
     assert drawn[1].legends == [] and all(ax.get_legend() is not None for ax in drawn[1].axes)
+
+
+def test_a_presets_study_is_put_where_click_reads_it():
+    """`train --preset P` gets P's study after `train`, unless a study is already named there; a
+    study's name as a flag's value (--out classifier) is not taken for one."""
+    from cifarlab.cli import _with_the_presets_study as placed
+
+    assert placed(["train", "--preset", "classifier-b64", "--out", "classifier"]) == [
+        "train", "classifier", "--preset", "classifier-b64", "--out", "classifier"]
+    assert placed(["train", "--preset=siamese-exp1", "--data", "transfer"]) == [
+        "train", "siamese", "--preset=siamese-exp1", "--data", "transfer"]
+    for given in (["train", "classifier", "--preset", "classifier-b64"], ["train", "--preset", "classifier-b64", "classifier"],
+                  ["train", "--preset=classifier-b64", "classifier"], ["eval", "--preset", "classifier"]):
+        assert placed(given) == given
+
+
+def test_tilde_after_an_equals_sign_is_the_home_folder(tmp_path, monkeypatch):
+    """The shell expands `--out ~/x` but not `--out=~/x`: cifarlab does, so no folder named `~`
+    appears in the working directory; `~` elsewhere in a value is left alone."""
+    from cifarlab.cli import _tilde_expanded
+    from cifarlab.runs import RunDir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _tilde_expanded(["--out=~/runs/x", "--data", "~/d", "--labels=a~b", "-o=~/y"]) == [
+        f"--out={tmp_path}/home/runs/x", "--data", "~/d", "--labels=a~b", "-o=~/y"]
+    monkeypatch.chdir(tmp_path)
+    assert RunDir.create("~/r", "classifier").path == tmp_path / "home" / "r"  # a quoted '~/r' too
+
+
+def test_a_run_folder_name_that_is_not_utf8_is_refused_before_training(tmp_path, monkeypatch):
+    import os
+
+    from cifarlab.runs import RunDir
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CifarlabError, match="the run folder's name is not valid UTF-8.*choose another --out"):
+        RunDir.create(os.fsdecode(b"run\xff"), "classifier")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_compare_shows_runs_side_by_side_and_writes_csv(trained, tmp_path):
@@ -283,7 +322,7 @@ def test_reproduce_and_report_give_one_line_errors(tmp_path):
         "error: --only takes a comma-separated subset of study1, study2, study3 (got 'study9')")
     assert not (tmp_path / "out").exists()
     res = run_cli("reproduce", "--set", "batch_size=lots", "--out", tmp_path / "out")
-    assert res.returncode == 2 and "batch_size should be int" in res.stderr
+    assert res.returncode == 2 and "batch_size should be a whole number, got 'lots'" in res.stderr
     res = run_cli("report", tmp_path)
     assert res.returncode == 2 and "holds no preset runs" in res.stderr and len(res.stderr.splitlines()) == 1
     mine = tmp_path / "mine"
@@ -326,6 +365,11 @@ def test_resume_refuses_what_would_rewrite_the_runs_records(trained, tmp_path):
     for steps in (reached, reached + 3):
         one_error_line(run_cli("train", "classifier", "--resume", run, "--steps", steps, "--lr", 0.5, "--quiet"),
                        "was trained with lr 0.001 (asked: 0.5); a resume keeps a run's settings")
+    # the message lists what may change, and precision is not among it
+    refused = run_cli("train", "classifier", "--resume", run, "--steps", reached + 3, "--precision", "bf16", "--quiet")
+    one_error_line(refused, "was trained with precision 'fp32' (asked: 'bf16'); a resume keeps a run's settings (only "
+                            "--steps, --data (the same images), --compile, --cuda-graph, --device, --feature-cache, "
+                            "--memory-format, --tensorboard may change)")
     one_error_line(run_cli("train", "siamese", "--resume", run, "--steps", reached + 3, "--quiet"),
                    "is a classifier run; resume it with `cifarlab train classifier --resume")
     assert {name: (run / name).read_bytes() for name in records} == records

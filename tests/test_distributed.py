@@ -170,8 +170,16 @@ def test_transfer_rewraps_ddp_when_the_backbone_unfreezes(tmp_path, cifar_dir):
     weights = save_lite0_file(calibrated_lite0(), tmp_path / "lite0.pth")
     settings = dict(SHARED, steps=6, batch_size=8, eval_every=3, checkpoint_every=3, refine_after=3,
                     backbone="efficientnet-lite0", backbone_weights=str(weights))
-    one, _ = train(Config.for_study("transfer", data=str(cifar_dir), **settings), out=str(tmp_path / "one"),
-                   progress=False)
+    # One thread, as each rank has: on an AVX2 CPU a one-process run on 1 thread and on 2 already
+    # differ as much as the test allows (fc1 reads Lite0's near-zero pooled features, where Adam
+    # turns rounding into steps, and refining spreads them); the ranks match the 1-thread run.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one, _ = train(Config.for_study("transfer", data=str(cifar_dir), **settings), out=str(tmp_path / "one"),
+                       progress=False)
+    finally:
+        torch.set_num_threads(threads)
     ranks(tmp_path, "transfer", "--out", "two", *flags(data=cifar_dir, **settings))
     backbone = "stages.pool5.body._conv_stem.weight"
     before, after = (load_file(str(tmp_path / "two" / "checkpoints" / f"step-{s}.safetensors")) for s in (3, 6))

@@ -124,7 +124,7 @@ def test_only_and_set_are_checked(tmp_path):
     assert not (tmp_path / "out").exists()
     assert parse_settings(["batch_size=32", "precision=bf16", "lr=3e-4"]) == {
         "batch_size": 32, "precision": "bf16", "lr": 3e-4}
-    with pytest.raises(CifarlabError, match="batch_size should be int"):
+    with pytest.raises(CifarlabError, match="batch_size should be a whole number, got .many."):
         parse_settings(["batch_size=many"])
     with pytest.raises(CifarlabError, match="unknown setting"):
         parse_settings(["batch=3"])
@@ -133,6 +133,21 @@ def test_only_and_set_are_checked(tmp_path):
     with pytest.raises(CifarlabError, match="torchrun"):
         parse_settings(["distributed=true"])
     assert parse_settings(["backbone=efficientnet-lite0"]) == {"backbone": "efficientnet-lite0"}  # benchmarks'
+    # each value read as its setting's type, as a user would spell it (TOML refuses all of these)
+    assert parse_settings(["cuda_graph=True", "lr=.001", "seed=042", "compile=no", "feature_cache=OFF",
+                           "backbone='efficientnet-lite0'"]) == {
+        "cuda_graph": True, "lr": 0.001, "seed": 42, "compile": False, "feature_cache": False,
+        "backbone": "efficientnet-lite0"}
+    with pytest.raises(CifarlabError, match=r"compile is true or false \(also yes/no, on/off, 1/0\), got 'maybe'"):
+        parse_settings(["compile=maybe"])
+    with pytest.raises(CifarlabError, match="lr should be a finite number, got 'inf'"):
+        parse_settings(["lr=inf"])
+    # a setting only one study reads is checked when the runs are planned, not after hours of others
+    with pytest.raises(CifarlabError, match="val_fraction .*must be > 0 for the Siamese study"):
+        plan(tmp_path / "out", ["study1", "study2"], 0.001, overrides=parse_settings(["val_fraction=0"]))
+    assert len(plan(tmp_path / "out", ["study1"], 0.001, overrides=parse_settings(["val_fraction=0"]))) == 9
+    with pytest.raises(CifarlabError, match="input_size .*must be a multiple of 32"):
+        plan(tmp_path / "out", ["study3"], 0.001, overrides=parse_settings(["input_size=48"]))
     for setting, flag in (("data=x", "--data"), ("device=cpu", "--device"), ("backbone=vgg16", "--transfer-backbone"),
                           ("backbone_weights=none", "--backbone-weights")):
         key = setting.split("=")[0]

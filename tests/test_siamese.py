@@ -153,6 +153,10 @@ def test_splits_too_small_for_anchor_batches_are_refused_by_name():
                        progress=False)
     with pytest.raises(CifarlabError, match=r"the val split is too small for anchor batches: .* has 2 images"):
         build_task(siamese_cfg(), torch.device("cpu"), nullcontext, data=synthetic_cifar(30, 10), progress=False)
+    with pytest.raises(CifarlabError, match=r"in the val split, which has [01] of class \d; use more data, or a larger "
+                                            r"--val-fraction"):  # the holdout is what the user can change
+        build_task(siamese_cfg(val_fraction=0.02), torch.device("cpu"), nullcontext, data=synthetic_cifar(30, 10),
+                   progress=False)
     pool_of_6 = synthetic_cifar(6, 10)  # 60 training images, 48 of them in the pool: 3-7 per class
     with pytest.raises(CifarlabError, match="the training pool is too small for anchor batches"):
         build_task(siamese_cfg(batch_size=30), torch.device("cpu"), nullcontext, data=pool_of_6, progress=False)

@@ -826,6 +826,15 @@ def test_the_commit_recorded_is_cifarlabs_own_never_that_of_a_project_it_is_inst
     (tmp_path / "cifarlab-checkout" / "src" / "cifarlab").mkdir(parents=True)
     monkeypatch.setattr(runs, "__file__", str(tmp_path / "cifarlab-checkout" / "src" / "cifarlab" / "runs.py"))
     assert runs.git_commit() == own != commit
+    source = tmp_path / "cifarlab-checkout" / "src" / "cifarlab" / "runs.py"
+    source.write_text("x = 1\n")
+    git = ["git", "-C", str(tmp_path / "cifarlab-checkout"), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "add", "src"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "source"], check=True)
+    committed = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert runs.git_commit() == committed
+    source.write_text("x = 2\n")  # changed since: that commit alone did not make the run
+    assert runs.git_commit() == committed + "+dirty"
 
 
 def test_a_second_ctrl_c_while_the_first_ones_save_is_written_lets_it_finish(tmp_path, monkeypatch):

@@ -239,3 +239,42 @@ def test_a_random_backbones_batch_norm_statistics_fit_its_inputs_so_it_can_learn
     train_losses = [row["loss"] for row in run.metrics if row["split"] == "train"]
     assert train_losses[-1] < train_losses[0] - 0.2, train_losses
     assert "BatchNorm statistics estimated" in summary["backbone_weights"]
+
+
+def test_random_backbones_batchnorm_statistics_are_an_average_over_images():
+    """Parts of near-equal size, each weighted by its images: 257 images (a part of one image
+    would stop Lite0's last BatchNorm) train, and the first BatchNorm's mean, whose inputs
+    depend on no statistics, is that of all the images, however they are split."""
+    from cifarlab.backbones import build_backbone
+    from cifarlab.studies import DeviceImages, batch_norms, estimate_batch_norm_statistics
+
+    data = synthetic_cifar(26, 3)
+
+    def first_mean(n, batch):
+        images = DeviceImages(data.train_images[:n], data.train_labels[:n], None, CPU, torch.channels_last)
+        torch.manual_seed(0)
+        backbone = build_backbone("efficientnet-lite0", "none", 32, progress=False)
+        estimate_batch_norm_statistics(backbone, images, seed=0, batch=batch)
+        return batch_norms(backbone)[0].running_mean.clone()
+
+    whole = first_mean(258, 258)
+    torch.testing.assert_close(first_mean(258, 256), whole, rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(first_mean(257, 256)).all()
+
+
+def test_larger_inputs_are_scored_in_smaller_batches_with_the_same_numbers(data):
+    """1,000 images at a time at 32x32; at 224x224 that many would need tens of GB of backbone
+    activations, so the batch shrinks with the pixels, and the scores do not change with it."""
+    from cifarlab.studies import EVAL_BATCH, eval_batch
+
+    assert (eval_batch(32), eval_batch(64), eval_batch(224)) == (EVAL_BATCH, EVAL_BATCH // 4, 20)
+    task = TransferTask(transfer_cfg(input_size=64), data, CPU, make_autocast("fp32", CPU), progress=False)
+    assert task.eval_batch == EVAL_BATCH // 4
+    task.model.eval()  # as the engine scores
+    scores = task.evaluate()
+    task.eval_batch = 7  # a batch that splits the test set unevenly
+    assert task.evaluate()["test"] == pytest.approx(scores["test"], rel=1e-5)
+    sizes = []
+    task.backbone.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    task._cache_features()
+    assert max(sizes) == 7

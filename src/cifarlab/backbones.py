@@ -457,6 +457,9 @@ def load_lite0_state(path: str | os.PathLike, *, keep_classifier: bool = False) 
     if keep_classifier:
         expected.update({"_fc.weight": (_fc_classes(state), LITE0_HEAD), "_fc.bias": (_fc_classes(state),)})
     ignored = () if keep_classifier else ("_fc.",)
+    # BatchNorm's step counters are unused (its momentum is set) and often left out of exported files
+    counters = {key: torch.tensor(0) for key in expected if key.endswith(COUNTER) and key not in state}
+    state = {**state, **counters}
     _check_names(path, state, expected, ignored=ignored, what="EfficientNet-Lite0", hint=hint)
     return {key: _checked(path, key, state[key], shape, hint) for key, shape in expected.items()}
 
@@ -500,7 +503,10 @@ def _read_torch_state(path: Path) -> Mapping:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip or pickle, refused global, ...: many types
-        why = "it is truncated, corrupt, or holds more than tensors"
+        if "Weights only load failed" in str(err):  # torch's advice to unpickle it unchecked is not ours to give
+            raise WeightsError(f"{path}: not a state dict of tensors (it holds other objects, which were not loaded, or is not a PyTorch "
+                               f"file at all); {_fix(path)}") from None
+        why = f"it is truncated, corrupt, or holds more than tensors: {_fix(path)}"
         raise WeightsError(_unreadable(path, err, why)) from None
     if not isinstance(state, Mapping):
         raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict: {_fix(path)}")
@@ -520,6 +526,9 @@ def _shapes(build) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         module = build()
     return {key: tuple(value.shape) for key, value in module.state_dict().items()}
+
+
+COUNTER = "num_batches_tracked"  # BatchNorm's count of training steps: an integer, not a weight
 
 
 def _check_names(
@@ -547,7 +556,7 @@ def _checked(path: Path, key: str, value, shape: tuple[int, ...], hint: str) -> 
         raise WeightsError(f"{path}: {key!r} is a {value.layout} tensor, expected a dense one; {hint}")
     if tuple(value.shape) != shape:
         raise WeightsError(f"{path}: {key!r} has shape {tuple(value.shape)}, expected {shape}; {hint}")
-    if key.endswith("num_batches_tracked"):
+    if key.endswith(COUNTER):
         return value.long()
     if not value.is_floating_point():
         raise WeightsError(f"{path}: {key!r} holds {value.dtype}, expected floats; {hint}")

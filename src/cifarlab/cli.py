@@ -73,7 +73,7 @@ def _shared_train_flags(
         help="Start from a named preset (`cifarlab presets`); flags given here override it.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run directory. [default: runs/<study>-<time>]")] = None,
     resume: Annotated[Optional[Path], typer.Option(
-        help="Continue this run from its checkpoints/last.pt with its own settings (config.toml); only how long, where and how it runs may change here (--steps, --device, --data of the same images, ...).")] = None,
+        help="Continue this run from its checkpoints/last.pt with its own settings (config.toml); only how long, where and how it runs may change here (--steps, --data of the same images, --device, --compile, --cuda-graph, --memory-format, --feature-cache, --tensorboard); precision, intervals and the recipe stay.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """The flags every study's train command takes (see study_command)."""
@@ -540,13 +540,30 @@ def _from_ctrl_c(err: BaseException) -> bool:
     return False
 
 
+def _train_subcommand(args: list[str]) -> str | None:
+    """The word click takes for train's subcommand: the first after the train group's own options
+    (--preset NAME, --out DIR, --quiet); a study's name as an option's value (--out classifier) is
+    not one, and a study's own option (--steps) ends the search, as it ends click's."""
+    values, flags = ("--preset", "--out"), ("--quiet", "-q", "--help")
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in values:
+            i += 2
+        elif arg in flags or arg.startswith(tuple(f"{v}=" for v in values)):
+            i += 1
+        else:
+            return None if arg.startswith("-") else arg
+    return None
+
+
 def _with_the_presets_study(args: list[str]) -> list[str]:
     """`train --preset NAME [flags]` as `train STUDY --preset NAME [flags]`: the preset says its
     study, and click takes flags before a study's name for the train group's own (refusing a
     --steps there as no such option). With --help, that shows the study's flags."""
     from cifarlab.config import STUDIES
 
-    if args[:1] != ["train"] or any(arg in STUDIES for arg in args):
+    if args[:1] != ["train"] or _train_subcommand(args[1:]) in STUDIES:
         return args
     for i, arg in enumerate(args):
         name = arg.partition("=")[2] if arg.startswith("--preset=") else \
@@ -558,9 +575,21 @@ def _with_the_presets_study(args: list[str]) -> list[str]:
     return args
 
 
+def _tilde_expanded(args: list[str]) -> list[str]:
+    """`--out=~/runs/x` as the shell expands `--out ~/runs/x`: it leaves a `~` after `=` alone, and
+    a folder named `~` made in the working directory is one `rm -rf ~...` away from a disaster."""
+    import os
+
+    def expanded(arg: str) -> str:
+        flag, eq, value = arg.partition("=")
+        return f"{flag}={os.path.expanduser(value)}" if arg.startswith("--") and eq and value.startswith("~") else arg
+
+    return [expanded(arg) for arg in args]
+
+
 def main() -> None:
     try:
-        app(args=_with_the_presets_study(sys.argv[1:]))
+        app(args=_with_the_presets_study(_tilde_expanded(sys.argv[1:])))
     except CifarlabError as err:
         # Ctrl-C with the progress saved: 130, as for any interrupted command, and not an error:
         # its message says what was saved and how to go on (the engine, and so torch, is imported

@@ -140,9 +140,15 @@ class Config:
                  f"{f.name} {value!r} is not valid UTF-8 (bytes of another encoding); "
                  "rename it, or use a link with a UTF-8 name")
         if self.study == "siamese":
+            need(self.val_fraction > 0, f"val_fraction must be > 0 for the Siamese study: its validation tuples "
+                                        f"come from the held-out end of train (the report holds out 0.2; got {self.val_fraction})")
             same = same_class_pairs(self.fraction_same, self.batch_size)
             need(same >= 1, f"fraction_same {self.fraction_same} of batch_size {self.batch_size} gives no "
                             "same-class pair per batch; use a larger --batch-size or --fraction-same")
+        if self.study == "transfer":
+            need(self.input_size >= 32 and self.input_size % 32 == 0,
+                 f"input_size must be a multiple of 32 (32, 64, ..., 224) for a backbone, which downsamples by 32 "
+                 f"(got {self.input_size})")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -247,22 +253,47 @@ def images_per_step(cfg: Config) -> int:
     return cfg.batch_size + 1 if embeds_anchor_once(cfg) else 2 * cfg.batch_size
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _setting_value(key: str, text: str) -> Any:
+    """The text of `--set KEY=TEXT` as KEY's type: `lr=.001`, `seed=042` and `cuda_graph=True`
+    mean what they say (TOML would refuse all three); a string may be quoted or not."""
+    kind = type(getattr(Config(), key, ""))
+    if kind is bool:
+        word = text.lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise CifarlabError(f"--set: {key} is true or false (also yes/no, on/off, 1/0), got {text!r}")
+    if kind in (int, float):
+        try:
+            value = kind(text.replace("_", "")) if kind is int else float(text)
+        except ValueError:
+            raise CifarlabError(f"--set: {key} should be {'a whole number' if kind is int else 'a number'}, "
+                                f"got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise CifarlabError(f"--set: {key} should be a finite number, got {text!r}")
+        return value
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
 def parse_settings(items: list[str] | None) -> dict[str, Any]:
-    """`KEY=VALUE` pairs (TOML values; a bare word is a string) as Config settings, checked."""
+    """`KEY=VALUE` pairs as Config settings, each read as its setting's type, checked."""
     values: dict[str, Any] = {}
     for item in items or []:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise CifarlabError(f"--set takes KEY=VALUE (e.g. batch_size=64), got {item!r}")
-        try:
-            values[key] = tomllib.loads(f"v = {text.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key] = text.strip()
+        values[key] = text.strip()
     if "study" in values:
         raise CifarlabError("--set cannot change a run's study; choose studies with --only")
     if "distributed" in values:
         raise CifarlabError("--set cannot make runs distributed: start one run with torchrun ... --distributed")
+    known = {f.name for f in fields(Config)}
+    values = {key: _setting_value(key, text) if key in known else text for key, text in values.items()}
     Config.from_dict({**Config().to_dict(), **values}, source="--set")
     return values
 

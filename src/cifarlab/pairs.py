@@ -18,7 +18,7 @@ SAMPLERS = ("anchor", "random")
 class ClassIndex:
     """Where each class's images sit in a pool: a padded table plus each image's rank in its class."""
 
-    def __init__(self, labels: torch.Tensor, num_classes: int = 10, name: str = "the pool"):
+    def __init__(self, labels: torch.Tensor, num_classes: int = 10, name: str = "the pool", fix: str = "use more data"):
         self.labels = labels
         self.num_classes = num_classes
         self.name = name
@@ -27,7 +27,7 @@ class ClassIndex:
         if int(self.counts.min()) < 2:
             raise CifarlabError(
                 f"pair sampling needs at least 2 images of every class in {name}, which has "
-                f"{int(self.counts.min())} of class {int(self.counts.argmin())}; use more data"
+                f"{int(self.counts.min())} of class {int(self.counts.argmin())}; {fix}"
             )
         starts = torch.cumsum(self.counts, 0) - self.counts
         width = int(self.counts.max())

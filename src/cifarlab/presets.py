@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarlab import CifarlabError
-from cifarlab.config import Config, read_toml
+from cifarlab.config import STUDIES, Config, read_toml
 
 
 # The run whose layers the report's section 1.4 analyses (t-SNE, one-vs-rest).
@@ -50,7 +50,9 @@ def load_preset(name: str) -> Preset:
     raw = read_toml(files[name])
     try:
         settings = dict(raw["config"])
-        Config.from_dict(settings, source=f"preset {name}")
+        study = settings.get("study")  # checked over its study's defaults (a Siamese run's holdout), as it is run
+        defaults = Config.for_study(study).to_dict() if study in STUDIES else {}
+        Config.from_dict({**defaults, **settings}, source=f"preset {name}")
         return Preset(name=name, description=raw["description"], reproduces=raw["reproduces"],
                       seed_metric=raw["seed_metric"], seed_value=raw.get("seed_value"), settings=settings)
     except KeyError as err:

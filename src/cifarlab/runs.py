@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cifarlab import CifarlabError, __version__, counted
-from cifarlab.config import NOT_COMPARED, Config, study_reads, baseline_accuracy, load_config, read_toml, to_toml
+from cifarlab.config import NOT_COMPARED, Config, _is_utf8, study_reads, baseline_accuracy, load_config, read_toml, to_toml
 from cifarlab.fileio import read_json, write_json, write_text, write_with
 
 METRIC_FIELDS = ("step", "split", "loss", "accuracy", "seconds")
@@ -52,7 +52,15 @@ def git_commit() -> str:
         return "unknown"
     # src/cifarlab/ sits two folders below the checkout's root, beside its pyproject.toml
     ours = Path(lines[0]).resolve() == source.parents[1] and (source.parents[1] / "pyproject.toml").is_file()
-    return lines[1].strip() if ours else "unknown"
+    if not ours:
+        return "unknown"
+    try:  # source changed since that commit: the commit alone did not make this run (as `git describe --dirty`)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "pyproject.toml"],
+                                 cwd=source.parents[1], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        changed = None
+    dirty = changed is None or changed.returncode != 0 or bool(changed.stdout.strip())
+    return lines[1].strip() + ("+dirty" if dirty else "")
 
 
 def time_stamp() -> str:
@@ -152,7 +160,10 @@ class RunDir:
         Nothing is created on disk until `materialise()`, so a run that fails to start leaves
         no empty directory behind.
         """
-        path = Path(out) if out else stamped_path(root, prefix)
+        path = Path(out).expanduser() if out else stamped_path(root, prefix)
+        if not _is_utf8(str(path)):  # refused before the training, not by the plot titles after it
+            raise CifarlabError(f"{path!s}: the run folder's name is not valid UTF-8 (bytes of another encoding); "
+                                "choose another --out")
         _check_free(path)
         run = cls(path)
         run._claim = (root, prefix) if not out else True  # a fresh time-stamped name, or the --out given
@@ -209,7 +220,7 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
-        run = cls(Path(path))
+        run = cls(Path(path).expanduser())
         if not run.path.exists():
             raise CifarlabError(f"{run.path}: no such run directory; check the path")
         if not (run.path / "config.toml").is_file():

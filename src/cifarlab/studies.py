@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections import OrderedDict
 
@@ -18,7 +19,13 @@ from cifarlab.backbones import build_backbone
 from cifarlab.models import StagedNet, convnet, decayed_weights, fc_block, init_weights, siamese_branch
 from cifarlab.pairs import ClassIndex, fixed_tuples, sample_pairs
 
-EVAL_BATCH = 1000
+EVAL_BATCH = 1000  # images at a time when scoring or embedding a split, at 32x32
+
+
+def eval_batch(input_size: int = 32) -> int:
+    """EVAL_BATCH at 32x32, fewer for larger inputs: the same pixels, so the same memory (1,000
+    images at 224x224 would need tens of GB of VGG-16 activations)."""
+    return max(1, EVAL_BATCH * 32 * 32 // (input_size * input_size))
 
 
 def pick_memory_format(device: torch.device, requested: str) -> torch.memory_format:
@@ -95,13 +102,14 @@ def device_splits(cfg: Config, data: Cifar10, device: torch.device, fmt,
 
 
 @torch.no_grad()
-def evaluate_classifier(logits_of, n: int, device: torch.device, autocast) -> tuple[float, float]:
+def evaluate_classifier(logits_of, n: int, device: torch.device, autocast,
+                        batch: int = EVAL_BATCH) -> tuple[float, float]:
     """Mean cross-entropy (without the L2 term) and accuracy over a split of n images, where
     logits_of(index) gives a batch's (logits, labels)."""
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for start in range(0, n, EVAL_BATCH):
-        index = torch.arange(start, min(start + EVAL_BATCH, n), device=device)
+    for start in range(0, n, batch):
+        index = torch.arange(start, min(start + batch, n), device=device)
         with autocast():
             logits, y = logits_of(index)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
@@ -111,6 +119,8 @@ def evaluate_classifier(logits_of, n: int, device: torch.device, autocast) -> tu
 
 class ClassifierTask:
     """Study 1: the ConvNet trained with softmax cross-entropy (+ the seed's L2 term)."""
+
+    eval_batch = EVAL_BATCH  # images scored at a time
 
     def __init__(self, cfg: Config, data: Cifar10, device: torch.device, autocast, training: bool = True):
         self.cfg, self.autocast = cfg, autocast
@@ -134,19 +144,20 @@ class ClassifierTask:
 
     def evaluate(self) -> dict[str, tuple[float, float]]:
         return {split: evaluate_classifier(functools.partial(self._logits, split), len(images), images.y.device,
-                                           self.autocast)
+                                           self.autocast, self.eval_batch)
                 for split, images in self.splits.items() if split != "train"}
 
 
 @torch.no_grad()
-def embed(model, images: DeviceImages, autocast, progress: bool = False, desc: str = "") -> torch.Tensor:
+def embed(model, images: DeviceImages, autocast, progress: bool = False, desc: str = "",
+          batch: int = EVAL_BATCH) -> torch.Tensor:
     """The model's output for every image of a split, in order."""
     parts = []
-    batches = images.slices()
+    batches = images.slices(batch)
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=-(-len(images) // EVAL_BATCH), desc=desc, unit="batch", leave=False)
+        batches = tqdm(batches, total=-(-len(images) // batch), desc=desc, unit="batch", leave=False)
     for x, _ in batches:
         with autocast():
             parts.append(model(x).float())
@@ -170,7 +181,8 @@ class SiameseTask:
         self.model = siamese_branch(cfg.dropout, cfg.init).to(device, memory_format=fmt)
         self.n_classes = len(data.classes)
         if training:  # what only training needs: eval and features score a checkpoint on any few images
-            self.pool = ClassIndex(self.splits["train"].y, self.n_classes, "the training pool")
+            self.pool = ClassIndex(self.splits["train"].y, self.n_classes, "the training pool",
+                                   "use more data, or a smaller --val-fraction")
             if cfg.sampler == "anchor":
                 self.pool.require_partners(same_class_pairs(cfg.fraction_same, cfg.batch_size))
             if cfg.sampler == "random" and cfg.batch_size > len(self.splits["train"]):
@@ -188,7 +200,8 @@ class SiameseTask:
         tuples = {}
         for offset, split in enumerate(("val", "test")):
             labels = self.splits[split].y
-            drawn = fixed_tuples(ClassIndex(labels.cpu(), self.n_classes, f"the {split} split"), self.cfg.val_tuples,
+            fix = "use more data, or a larger --val-fraction" if split == "val" else "use more test images"
+            drawn = fixed_tuples(ClassIndex(labels.cpu(), self.n_classes, f"the {split} split", fix), self.cfg.val_tuples,
                                  self.cfg.batch_size, self.cfg.fraction_same, seed=self.cfg.seed + offset)
             tuples[split] = tuple(t.to(labels.device) for t in drawn)
         return tuples
@@ -265,15 +278,23 @@ def estimate_batch_norm_statistics(backbone: torch.nn.Module, images, seed: int,
     if not norms:
         return
     rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    if len(rows) < 2:
+        raise CifarlabError(f"a random backbone's BatchNorm statistics need at least 2 training images "
+                            f"(got {len(rows)}); use more data or a smaller --val-fraction")
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None  # a plain average over the batches
     training = backbone.training
     backbone.train()
+    seen = 0
     with torch.no_grad():
-        for part in rows.to(images.y.device).split(batch):
+        # parts of near-equal size (a part of one image would stop the last BatchNorm, whose map
+        # is 1x1), each weighted by its images: the average is over images, not over parts
+        for part in rows.to(images.y.device).tensor_split(math.ceil(len(rows) / batch)):
+            for m in norms:
+                m.momentum = len(part) / (seen + len(part))
             backbone(images.batch(part)[0])
+            seen += len(part)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     backbone.train(training)
@@ -304,6 +325,7 @@ class TransferTask(ClassifierTask):
         init_weights(head.values(), cfg.init)
         self.model = TransferNet(OrderedDict(pool5=backbone, **head)).to(device, memory_format=fmt)
         self.backbone = backbone
+        self.eval_batch = eval_batch(cfg.input_size)  # 20 images at 224x224, not 1,000
         if load_weights and cfg.backbone_weights == "none":
             estimate_batch_norm_statistics(backbone, self.splits["train"], cfg.seed)
         self.decayed = decayed_weights(self.model)
@@ -366,7 +388,7 @@ class TransferTask(ClassifierTask):
         self.backbone.eval()
         with torch.no_grad():
             self.cached = {split: embed(self.backbone, images, self.autocast, progress=self.progress,
-                                        desc=f"pool5 {split}")
+                                        desc=f"pool5 {split}", batch=self.eval_batch)
                            for split, images in self.splits.items()}
         self.model.train(training)  # back to the mode training is in
         self.cache_seconds += time.perf_counter() - start

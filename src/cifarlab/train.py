@@ -14,6 +14,10 @@ from cifarlab.fileio import write_bytes
 from cifarlab.runs import RunDir
 from cifarlab.studies import build_task
 
+# What a resume may change, as its flags: how long, where and how the run runs, never what it trains
+RESUME_MAY_CHANGE = ", ".join(["--steps", "--data (the same images)", *sorted(
+    f"--{key.replace('_', '-')}" for key in NOT_COMPARED - {"data", "distributed"})])
+
 
 def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
           overrides: dict | None = None, progress: bool = True, data=None,
@@ -112,8 +116,8 @@ def _check_resumable(run: RunDir, saved: Config, cfg: Config) -> bool:
     refused = [key for key in changed if key not in NOT_COMPARED]
     if refused:
         what = ", ".join(f"{key} {getattr(saved, key)!r} (asked: {getattr(cfg, key)!r})" for key in refused)
-        raise CifarlabError(f"{run.path} was trained with {what}; a resume keeps a run's settings (only --steps, "
-                            "--data, --device and how it runs may change): train a new run for other settings")
+        raise CifarlabError(f"{run.path} was trained with {what}; a resume keeps a run's settings (only "
+                            f"{RESUME_MAY_CHANGE} may change): train a new run for other settings")
     if cfg.steps == reached and changed:
         raise CifarlabError(f"{run.path} has reached its {reached} steps, so nothing would train with the "
                             f"changed {', '.join(changed)}; give --steps above {reached} to train on")
