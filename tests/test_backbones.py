@@ -330,6 +330,26 @@ def test_imagenet_file_in_torch_hub_cache_is_used(served, torch_home, no_network
     assert vgg16_weights_path("imagenet", download=False) == hub / name
 
 
+def test_the_imagenet_files_hash_is_read_once_per_process_until_the_file_changes(served, torch_home, no_network,
+                                                                                  monkeypatch):
+    """VGG-16's 528 MB are hashed once, not again for each of reproduce's transfer runs; a file
+    replaced since (other size or time) is hashed anew, and a bad one is still refused."""
+    source, name = served
+    hub = torch_home / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    shutil.copy(source, hub / name)
+    hashed = []
+    real = backbones._sha256_file
+    monkeypatch.setattr(backbones, "_sha256_file", lambda path: hashed.append(path) or real(path))
+    for _ in range(3):
+        assert vgg16_weights_path("imagenet", download=False) == hub / name
+    assert hashed == [hub / name]
+    (hub / name).write_bytes(b"not the weights")
+    with pytest.raises(WeightsError, match="sha256"):
+        vgg16_weights_path("imagenet", download=False)
+    assert len(hashed) == 2
+
+
 def test_download_from_a_local_url(served, isolated_cache):
     source, name = served
     path = vgg16_weights_path("imagenet", progress=False)

@@ -583,10 +583,21 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Files whose hash was checked in this process, by (path, size, mtime): VGG-16's 528 MB are read
+# once, not again for every transfer run of a reproduce call
+_HASH_CHECKED: set[tuple[str, int, int]] = set()
+
+
 def _check_hash(path: Path, fix: str) -> None:
     """As torch.hub's check_hash: the file's sha256 must start with the hex part of its name."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _HASH_CHECKED:
+        return
     expected, actual = _expected_hash(path), _sha256_file(path)
-    if not actual.startswith(expected):
+    if actual.startswith(expected):
+        _HASH_CHECKED.add(key)
+    else:
         raise WeightsError(
             f"{path}: sha256 is {actual[:len(expected)]}..., expected {expected}... as its name says; "
             f"the file is corrupt or not the official one (it was left in place): {fix}"
