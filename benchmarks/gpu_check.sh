@@ -13,7 +13,8 @@
 # is cut to what is left (less what step 4 needs to wrap up, when it runs), and a step with too
 # little time is skipped and says so. PARTS (default 0123cs4) picks the steps:
 #   0. the CUDA-only tests (graph capture and its fallback)
-#   1. step time: cifarlab (fp32 graph, no graph, bf16) against the plain PyTorch loop; then
+#   1. step time: cifarlab (fp32 graph, no graph, bf16) against the plain PyTorch loop, and the
+#      TensorBoard weight histograms (benchmarks/histogram_time.py); then
 #      where the step's GPU time goes (the top kernels of the ConvNet, Siamese and Lite0 steps)
 #   p. only the second half of 1: the kernel profiles (PARTS=0p: the tests and the profiles)
 #   2. the default 15,000-step ConvNet run, fp32 and bf16: test accuracy and training time
@@ -102,6 +103,8 @@ if wants 1; then
     limited 120 python3 benchmarks/step_time.py --data "$data" --device "$device" --steps "$time_steps" --rounds 1 \
         > "$res/step_time.txt" 2>&1
     tail -10 "$res/step_time.txt"
+    limited 30 python3 benchmarks/histogram_time.py --device "$device" > "$res/histogram_time.txt" 2>&1
+    tail -3 "$res/histogram_time.txt"
     pack
 fi
 

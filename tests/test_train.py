@@ -57,6 +57,46 @@ def test_run_directory_has_every_artifact(tmp_path):
     assert not [f for f in p.rglob(".tmp-*")], "temporary files left behind"
 
 
+def test_tensorboard_has_every_weights_histogram_at_every_evaluation(tmp_path):
+    """As the original assignment asked; binned where the weights live (write_weight_histograms),
+    so each must still say the weights' count, range and sum, and a tensor of one value (biases
+    at 0) gets one bucket."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from cifarlab.engine import write_weight_histograms
+
+    cfg = small_cfg(steps=10, eval_every=5, checkpoint_every=10, tensorboard=True)
+    run, _ = train(cfg, out=str(tmp_path / "run"), progress=False, data=synthetic_cifar())
+    events = EventAccumulator(str(run.path / "tb"), size_guidance={"histograms": 0})
+    events.Reload()
+    weights = load_file(str(run.path / "checkpoints" / "step-10.safetensors"))
+    names = sorted(events.Tags()["histograms"])
+    assert names == sorted(weights)  # every parameter (the ConvNet has no buffers)
+    for name in names:
+        histograms = events.Histograms(name)
+        assert [h.step for h in histograms] == [5, 10]
+        value = histograms[-1].histogram_value
+        assert sum(value.bucket) == value.num > 0 and len(value.bucket) == len(value.bucket_limit)
+        assert list(value.bucket_limit) == sorted(value.bucket_limit) and value.bucket_limit[-1] == value.max
+    fc1 = next(w for key, w in weights.items() if key.endswith("fc1.linear.weight"))
+    value = next(events.Histograms(n) for n in names if n.endswith("fc1.linear.weight"))[-1].histogram_value
+    assert (value.num, value.min, value.max) == (fc1.numel(), fc1.min().item(), fc1.max().item())
+    assert value.sum == pytest.approx(fc1.double().sum().item(), rel=1e-6, abs=1e-9)
+    assert value.sum_squares == pytest.approx(fc1.double().square().sum().item(), rel=1e-5)
+    inside = (fc1 >= value.bucket_limit[9]) & (fc1 < value.bucket_limit[10])  # the 11th bucket's values
+    assert value.bucket[10] == pytest.approx(int(inside.sum()), abs=2)  # (a value on an edge may fall either side)
+
+    writer = SummaryWriter(str(tmp_path / "const"))
+    write_weight_histograms(writer, [("zeros", torch.zeros(7)), ("spread", torch.arange(10.0))], step=1)
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "const"), size_guidance={"histograms": 0})
+    events.Reload()
+    zeros, spread = (events.Histograms(n)[0].histogram_value for n in ("zeros", "spread"))
+    assert (list(zeros.bucket), list(zeros.bucket_limit), zeros.num) == ([7.0], [0.0], 7)
+    assert sum(spread.bucket) == 10 and spread.bucket[0] == 1 and spread.bucket[-1] == 1
+
+
 def test_existing_run_directory_is_never_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -409,6 +409,37 @@ class _InterruptFlag:
         self._taken.close()
 
 
+HISTOGRAM_BINS = 64
+
+
+def write_weight_histograms(writer, named_parameters, step: int, bins: int = HISTOGRAM_BINS) -> None:
+    """Each weight tensor's histogram in TensorBoard, binned where the weights live and fetched in
+    one transfer, where add_histogram copies every weight to the host to bin it in NumPy
+    (`benchmarks/histogram_time.py`: 1.7x faster for the ConvNet, 4x for EfficientNet-Lite0 on
+    the development CPU)."""
+    names, rows = [], []
+    for name, p in named_parameters:
+        x = p.detach().flatten().float()
+        lo, hi = torch.aminmax(x)
+        width = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+        bucket = ((x - lo) * (bins / width)).long().clamp_(0, bins - 1)  # hi goes into the last bin
+        counts = torch.bincount(bucket, minlength=bins).double()
+        sums = torch.stack([x.sum(dtype=torch.float64), torch.dot(x, x).double()])
+        rows.append(torch.cat([torch.stack([lo, hi]).double(), sums, counts]))
+        names.append((name, x.numel()))
+    if not rows:
+        return
+    for (name, num), row in zip(names, torch.stack(rows).cpu().tolist()):
+        lo, hi, total, squares, counts = *row[:4], row[4:]
+        if lo == hi:  # one value throughout (biases at 0): one bucket
+            limits, counts = [hi], [float(num)]
+        else:
+            limits = [lo + (hi - lo) * (i + 1) / bins for i in range(bins)]
+            limits[-1] = hi
+        writer.add_histogram_raw(name, min=lo, max=hi, num=num, sum=total, sum_squares=squares,
+                                 bucket_limits=limits, bucket_counts=counts, global_step=step)
+
+
 def start_after_older_event_files(tb: Path, most: float = 2.0) -> None:
     """Wait, if need be, until a new TensorBoard event file in `tb` sorts after the older ones.
 
@@ -634,8 +665,7 @@ class Trainer:
                 writer.add_scalar(f"{split}/accuracy", acc, self.step)
         writer = self._tb()
         if writer is not None:
-            for name, p in self.model.named_parameters():
-                writer.add_histogram(name, p.detach().float().cpu(), self.step)
+            write_weight_histograms(writer, self.model.named_parameters(), self.step)
             writer.flush()
         self.run.write_metrics()
         self.clock["eval"] += time.perf_counter() - eval_start
