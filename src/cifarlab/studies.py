@@ -42,11 +42,13 @@ class DeviceImages:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, mean: np.ndarray | None,
                  device: torch.device, memory_format: torch.memory_format):
-        x = torch.from_numpy(images).float()  # N, H, W, C
+        # N, H, W, C bytes to the device, made floats there: a quarter of the bytes to move, and
+        # on a GPU no host pass over 600 MB of floats (0.6 s on the development CPU) per run
+        x = torch.from_numpy(images).to(device).float()
         if mean is not None:
-            x.sub_(torch.from_numpy(mean))
+            x.sub_(torch.from_numpy(mean).to(device))
         self.channels_last = memory_format == torch.channels_last
-        self.x = (x if self.channels_last else x.permute(0, 3, 1, 2)).contiguous().to(device)
+        self.x = (x if self.channels_last else x.permute(0, 3, 1, 2)).contiguous()
         self.y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
 
     def __len__(self) -> int:
