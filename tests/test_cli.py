@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -139,6 +140,14 @@ def test_many_runs_get_one_legend_beside_the_panels(tmp_path, monkeypatch):
     assert box.x1 <= fig.bbox.x1
     plot_curves([(f"run{i}", rows) for i in range(LEGEND_IN_PANEL // 2)], tmp_path / "few.png")
     assert drawn[1].legends == [] and all(ax.get_legend() is not None for ax in drawn[1].axes)
+    # long labels (the report's "(unfinished: step N of M)"), and 182 entries in columns: clear of the panels
+    for n, label in ((runs, "transfer-refine-100 (unfinished: step 3,000 of 10,000) {}"), (91, "classifier-b64-{}")):
+        plot_curves([(label.format(i), rows) for i in range(n)], tmp_path / "long.png")
+        fig = drawn[-1]
+        fig.canvas.draw()
+        box = fig.legends[0].get_window_extent()
+        assert all(box.x0 > ax.get_window_extent().x1 for ax in fig.axes) and box.x1 <= fig.bbox.x1
+        assert all(ax.get_window_extent().width > 300 for ax in fig.axes)  # the panels kept their room
 
 
 def test_a_presets_study_is_put_where_click_reads_it():
@@ -162,10 +171,14 @@ def test_tilde_after_an_equals_sign_is_the_home_folder(tmp_path, monkeypatch):
     from cifarlab.runs import RunDir
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert _tilde_expanded(["--out=~/runs/x", "--data", "~/d", "--labels=a~b", "-o=~/y"]) == [
-        f"--out={tmp_path}/home/runs/x", "--data", "~/d", "--labels=a~b", "-o=~/y"]
+    assert _tilde_expanded(["--out=~/runs/x", "--data", "~/d", "--labels=a~b", "-o=~/y", "--title=~"]) == [
+        f"--out={tmp_path}/home/runs/x", "--data", "~/d", "--labels=a~b", "-o=~/y", "--title=~"]  # paths only
     monkeypatch.chdir(tmp_path)
     assert RunDir.create("~/r", "classifier").path == tmp_path / "home" / "r"  # a quoted '~/r' too
+    # no such user: a folder of that name, as the shell leaves it (Path.expanduser would raise)
+    assert RunDir.create("~nosuchuser-run", "classifier").path == Path("~nosuchuser-run")
+    one_error_line(run_cli("train", "classifier", "--resume=~nosuchuser-run", "--quiet"),
+                   "~nosuchuser-run: no such run directory; check the path")
 
 
 def test_a_run_folder_name_that_is_not_utf8_is_refused_before_training(tmp_path, monkeypatch):
@@ -368,8 +381,8 @@ def test_resume_refuses_what_would_rewrite_the_runs_records(trained, tmp_path):
     # the message lists what may change, and precision is not among it
     refused = run_cli("train", "classifier", "--resume", run, "--steps", reached + 3, "--precision", "bf16", "--quiet")
     one_error_line(refused, "was trained with precision 'fp32' (asked: 'bf16'); a resume keeps a run's settings (only "
-                            "--steps, --data (the same images), --compile, --cuda-graph, --device, --feature-cache, "
-                            "--memory-format, --tensorboard may change)")
+                            "--steps, --data (the same images), --compile, --cuda-graph, --device, --distributed, "
+                            "--feature-cache, --memory-format, --tensorboard may change)")
     one_error_line(run_cli("train", "siamese", "--resume", run, "--steps", reached + 3, "--quiet"),
                    "is a classifier run; resume it with `cifarlab train classifier --resume")
     assert {name: (run / name).read_bytes() for name in records} == records

@@ -88,13 +88,17 @@ def test_tensorboard_has_every_weights_histogram_at_every_evaluation(tmp_path):
     assert value.bucket[10] == pytest.approx(int(inside.sum()), abs=2)  # (a value on an edge may fall either side)
 
     writer = SummaryWriter(str(tmp_path / "const"))
-    write_weight_histograms(writer, [("zeros", torch.zeros(7)), ("spread", torch.arange(10.0))], step=1)
+    narrow = torch.tensor([0, 5e-38, 1e-37, 1e-37])  # a range of 1e-37: bins / width would overflow
+    write_weight_histograms(writer, [("zeros", torch.zeros(7)), ("spread", torch.arange(10.0)),
+                                     ("narrow", narrow)], step=1)
     writer.close()
     events = EventAccumulator(str(tmp_path / "const"), size_guidance={"histograms": 0})
     events.Reload()
     zeros, spread = (events.Histograms(n)[0].histogram_value for n in ("zeros", "spread"))
     assert (list(zeros.bucket), list(zeros.bucket_limit), zeros.num) == ([7.0], [0.0], 7)
     assert sum(spread.bucket) == 10 and spread.bucket[0] == 1 and spread.bucket[-1] == 1
+    value = events.Histograms("narrow")[0].histogram_value
+    assert {i: c for i, c in enumerate(value.bucket) if c} == {0: 1, 32: 1, 63: 2}
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path):

@@ -272,9 +272,10 @@ def test_larger_inputs_are_scored_in_smaller_batches_with_the_same_numbers(data)
     assert task.eval_batch == EVAL_BATCH // 4
     task.model.eval()  # as the engine scores
     scores = task.evaluate()
-    task.eval_batch = 7  # a batch that splits the test set unevenly
+    task.image_batch = 7  # a batch that splits the test set unevenly
     assert task.evaluate()["test"] == pytest.approx(scores["test"], rel=1e-5)
     sizes = []
     task.backbone.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     task._cache_features()
     assert max(sizes) == 7
+    assert task.eval_batch == EVAL_BATCH  # the head alone on cached features: no images to hold

@@ -575,6 +575,9 @@ def _with_the_presets_study(args: list[str]) -> list[str]:
     return args
 
 
+PATH_FLAGS = ("--out", "--data", "--resume", "--backbone-weights", "--csv")  # the options that name files
+
+
 def _tilde_expanded(args: list[str]) -> list[str]:
     """`--out=~/runs/x` as the shell expands `--out ~/runs/x`: it leaves a `~` after `=` alone, and
     a folder named `~` made in the working directory is one `rm -rf ~...` away from a disaster."""
@@ -582,7 +585,7 @@ def _tilde_expanded(args: list[str]) -> list[str]:
 
     def expanded(arg: str) -> str:
         flag, eq, value = arg.partition("=")
-        return f"{flag}={os.path.expanduser(value)}" if arg.startswith("--") and eq and value.startswith("~") else arg
+        return f"{flag}={os.path.expanduser(value)}" if flag in PATH_FLAGS and eq and value.startswith("~") else arg
 
     return [expanded(arg) for arg in args]
 

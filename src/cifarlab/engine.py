@@ -421,8 +421,9 @@ def write_weight_histograms(writer, named_parameters, step: int, bins: int = HIS
     for name, p in named_parameters:
         x = p.detach().flatten().float()
         lo, hi = torch.aminmax(x)
-        width = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
-        bucket = ((x - lo) * (bins / width)).long().clamp_(0, bins - 1)  # hi goes into the last bin
+        # (x - lo) / width first: bins / width overflows for a range under 1e-37; lo == hi (0 / 0)
+        # lands in bucket 0, and the host writes that case as one bucket anyway
+        bucket = ((x - lo) / (hi - lo) * bins).long().clamp_(0, bins - 1)  # hi goes into the last bin
         counts = torch.bincount(bucket, minlength=bins).double()
         sums = torch.stack([x.sum(dtype=torch.float64), torch.dot(x, x).double()])
         rows.append(torch.cat([torch.stack([lo, hi]).double(), sums, counts]))

@@ -49,6 +49,7 @@ def run_colours(n: int) -> list[tuple]:
 
 # More legend entries than this (a run and split each) go into one legend beside the panels.
 LEGEND_IN_PANEL = 8
+PANELS_WIDTH = 12  # inches of the two panels, a legend beside them not counted
 
 
 @text_as_typed
@@ -58,7 +59,7 @@ def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | No
     (a caveat the reader of the figure must see) in red under the title."""
     entries = sum(len({r["split"] for r in rows}) for _, rows in series)
     beside = entries > LEGEND_IN_PANEL  # one legend right of the panels: inside, it would hide the curves
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(15 if beside else 12, 4.5))
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(PANELS_WIDTH, 4.5))
     colours = run_colours(len(series))
     lines, labels = [], []  # given to legend() as they are: it would leave out a label starting with "_"
     for i, (label, rows) in enumerate(series):
@@ -79,8 +80,13 @@ def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | No
         ax.grid(alpha=0.3)
         if lines and not beside:
             ax.legend(lines, labels, fontsize=8)
+    legend_room = 0.0  # inches right of the panels
     if beside:
-        fig.legend(lines, labels, fontsize=8, loc="center right", ncols=1 + (len(labels) - 1) // 30)
+        legend = fig.legend(lines, labels, fontsize=8, loc="center right", bbox_to_anchor=(1, 0.5),
+                            ncols=1 + (len(labels) - 1) // 30, borderaxespad=0.8)
+        # as wide as its labels are long: the panels keep their width, the figure grows by the legend's
+        legend_room = legend.get_window_extent().width / fig.dpi + 0.3
+        fig.set_figwidth(PANELS_WIDTH + legend_room)
     if title:
         fig.suptitle(title, y=0.985 if note else 0.98)
     if note:
@@ -89,8 +95,8 @@ def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | No
     # fixed margins for this fixed layout: tight_layout measured every label and cost a third of
     # the drawing time, paid at the end of every run
     top = 0.92 - 0.06 * bool(title) - 0.05 * bool(note)
-    right = 0.985 if not beside else 0.835 - 0.13 * ((len(labels) - 1) // 30)
-    fig.subplots_adjust(left=0.07, right=right, bottom=0.11, top=top, wspace=0.2)
+    width = fig.get_figwidth()
+    fig.subplots_adjust(left=0.84 / width, right=1 - (0.18 + legend_room) / width, bottom=0.11, top=top, wspace=0.2)
     out = save_figure(fig, out)
     plt.close(fig)
     return out

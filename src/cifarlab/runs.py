@@ -160,7 +160,7 @@ class RunDir:
         Nothing is created on disk until `materialise()`, so a run that fails to start leaves
         no empty directory behind.
         """
-        path = Path(out).expanduser() if out else stamped_path(root, prefix)
+        path = Path(os.path.expanduser(out)) if out else stamped_path(root, prefix)  # ~unknown stays as typed
         if not _is_utf8(str(path)):  # refused before the training, not by the plot titles after it
             raise CifarlabError(f"{path!s}: the run folder's name is not valid UTF-8 (bytes of another encoding); "
                                 "choose another --out")
@@ -220,7 +220,7 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
-        run = cls(Path(path).expanduser())
+        run = cls(Path(os.path.expanduser(path)))
         if not run.path.exists():
             raise CifarlabError(f"{run.path}: no such run directory; check the path")
         if not (run.path / "config.toml").is_file():

@@ -327,7 +327,7 @@ class TransferTask(ClassifierTask):
         init_weights(head.values(), cfg.init)
         self.model = TransferNet(OrderedDict(pool5=backbone, **head)).to(device, memory_format=fmt)
         self.backbone = backbone
-        self.eval_batch = eval_batch(cfg.input_size)  # 20 images at 224x224, not 1,000
+        self.image_batch = eval_batch(cfg.input_size)  # 20 images at 224x224, not 1,000
         if load_weights and cfg.backbone_weights == "none":
             estimate_batch_norm_statistics(backbone, self.splits["train"], cfg.seed)
         self.decayed = decayed_weights(self.model)
@@ -384,6 +384,11 @@ class TransferTask(ClassifierTask):
         self.cached = {}  # the backbone changes from now on
         self.backbone.requires_grad_(True)
         return list(self.backbone.parameters())
+
+    @property
+    def eval_batch(self) -> int:
+        """Images scored at a time: fewer for larger inputs, but the head alone on cached features."""
+        return EVAL_BATCH if self.cached else self.image_batch
 
     def _cache_features(self) -> None:
         start, training = time.perf_counter(), self.model.training

@@ -16,7 +16,7 @@ from cifarlab.studies import build_task
 
 # What a resume may change, as its flags: how long, where and how the run runs, never what it trains
 RESUME_MAY_CHANGE = ", ".join(["--steps", "--data (the same images)", *sorted(
-    f"--{key.replace('_', '-')}" for key in NOT_COMPARED - {"data", "distributed"})])
+    f"--{key.replace('_', '-')}" for key in NOT_COMPARED - {"data"})])
 
 
 def train(cfg: Config, out: str | None = None, resume: str | Path | None = None,
