@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab import CifarlabError
+from cifarlab.config import backbone_input_size_ok
 from cifarlab.fileio import atomic_path, cache_root, remove_stale_temps, stream_url
 
 BACKBONES = ("vgg16", "efficientnet-lite0")
@@ -151,7 +152,7 @@ def build_backbone(
 ) -> Backbone:
     """The backbone `name` (one of BACKBONES) with `weights`: "imagenet", "none" (random, only
     when asked for) or the path of a weights file; images are upsampled to `input_size` pixels."""
-    if not isinstance(input_size, int) or input_size < 32 or input_size % 32:
+    if not backbone_input_size_ok(input_size):
         raise CifarlabError(
             f"backbone input size must be a multiple of 32 (32, 64, ..., 224), got {input_size!r}: "
             "both backbones downsample by 32"

@@ -39,6 +39,11 @@ NOT_COMPARED = frozenset({"distributed", "memory_format", "feature_cache", *WHER
 STUDY_DEFAULTS = {"siamese": {"steps": 50000, "val_fraction": 0.2}, "transfer": {"steps": 10000}}
 
 
+def backbone_input_size_ok(size) -> bool:
+    """Both backbones downsample by 32: their input is 32, 64, ..., 224 pixels a side."""
+    return isinstance(size, int) and size >= 32 and size % 32 == 0
+
+
 def same_class_pairs(fraction_same: float, batch_size: int) -> int:
     """floor(f * B), the report's count of same-class pairs in a batch: with a little slack, since
     0.29 * 100 is 28.999999999999996 in floating point."""
@@ -146,7 +151,7 @@ class Config:
             need(same >= 1, f"fraction_same {self.fraction_same} of batch_size {self.batch_size} gives no "
                             "same-class pair per batch; use a larger --batch-size or --fraction-same")
         if self.study == "transfer":
-            need(self.input_size >= 32 and self.input_size % 32 == 0,
+            need(backbone_input_size_ok(self.input_size),
                  f"input_size must be a multiple of 32 (32, 64, ..., 224) for a backbone, which downsamples by 32 "
                  f"(got {self.input_size})")
         return self

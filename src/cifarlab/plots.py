@@ -57,8 +57,6 @@ def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | No
                 note: str | None = None) -> Path:
     """Accuracy (left) and loss (right) against step, train and test, one colour per run; `note`
     (a caveat the reader of the figure must see) in red under the title."""
-    entries = sum(len({r["split"] for r in rows}) for _, rows in series)
-    beside = entries > LEGEND_IN_PANEL  # one legend right of the panels: inside, it would hide the curves
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(PANELS_WIDTH, 4.5))
     colours = run_colours(len(series))
     lines, labels = [], []  # given to legend() as they are: it would leave out a label starting with "_"
@@ -73,6 +71,7 @@ def plot_curves(series: list[tuple[str, list[dict]]], out: Path, title: str | No
             lines += ax_acc.plot(steps, [p[1] for p in pts], **style)
             labels.append(style["label"])
             ax_loss.plot(steps, [p[2] for p in pts], **style)
+    beside = len(labels) > LEGEND_IN_PANEL  # one legend right of the panels: inside, it would hide the curves
     for ax, what in ((ax_acc, "accuracy"), (ax_loss, "loss")):
         ax.set_xlabel("step")
         ax.set_title(what, fontsize=10)  # above the panel: long tick labels cannot push it off the figure

@@ -175,8 +175,6 @@ class SiameseTask:
     """
 
     def __init__(self, cfg: Config, data: Cifar10, device: torch.device, autocast, training: bool = True):
-        if cfg.val_fraction <= 0:
-            raise CifarlabError("the Siamese study needs --val-fraction > 0 (the report holds out 20%)")
         self.cfg, self.autocast = cfg, autocast
         fmt = pick_memory_format(device, cfg.memory_format)
         self.splits = device_splits(cfg, data, device, fmt)
